@@ -1,0 +1,52 @@
+"""Where the configs live, the custom resolver they use, and the checks on values Hydra cannot type."""
+
+import math
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tract_bench.errors import UserError
+
+
+def config_dir() -> str:
+    """conf/ inside the installed package (pip install .), else the checkout's top-level conf/ (editable)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "conf", here.parents[1] / "conf"):
+        if (d / "train.yaml").is_file():
+            return str(d)
+    raise RuntimeError(f"tract-bench configs not found next to {here}; reinstall the package")
+
+
+def by_epochs(epochs, thresholds, values):
+    """`${by_epochs:${epochs},[0,400],[1e-2,1e-3]}`: the value of the last threshold <= epochs (a per-budget lr)."""
+    return [v for t, v in zip(thresholds, values) if epochs >= t][-1]
+
+
+def register_resolvers():
+    if not OmegaConf.has_resolver("by_epochs"):
+        OmegaConf.register_new_resolver("by_epochs", by_epochs)
+
+
+def validate(cfg):
+    """Refuse bad values before anything is built or written; each message names the value and the fix."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as e:  # omegaconf's errors carry the key; keep the first line
+        raise UserError(f"bad config: {str(e).splitlines()[0]}") from None
+    lam = cfg.tract.lam
+    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                            or not math.isfinite(lam) or lam <= 0):
+        raise UserError(f"tract.lam={lam} is not a finite number > 0; use e.g. tract.lam=0.1, or tract.lam=null "
+                        "for the baseline")
+    for key in ("epochs", "batch_size", "data.eval_batch_size"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"{key}={value} must be a positive integer")
+    for key in ("data.train_subset", "data.test_subset"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise UserError(f"{key}={value} must be a positive integer or null (the whole split)")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"precision={cfg.precision} is not one of auto, fp32, bf16, fp16")
+    if cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr={cfg.optim.lr} must be > 0")

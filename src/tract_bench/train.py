@@ -1,0 +1,233 @@
+"""One training run: config -> data, model, TrAct, optimizer -> epochs -> run folder.
+
+The flow is deliberately flat: validate everything, build everything, then (only then) create the run folder,
+resume from its checkpoint if there is one, and train. Every epoch ends with a full test-set evaluation, a
+metrics row and an atomic checkpoint, so an interrupted run resumes where it stopped and a finished one is
+skipped. The reported result is always the final epoch's, never a checkpoint picked on test accuracy.
+"""
+
+import contextlib
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+from tract_bench import rundir
+from tract_bench.config import validate
+from tract_bench.data import balanced_subset, load_cifar
+from tract_bench.errors import UserError
+from tract_bench.loader import DeviceLoader
+from tract_bench.models import build_model, check_fits
+from tract_bench.optim import build_optimizer, build_scheduler
+from tract_bench.tract import apply_tract
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def load_data(cfg):
+    """The dataset as uint8 tensors, with the configured class-balanced subsets."""
+    data = load_cifar(cfg.dataset.name, cfg.data.root, download=cfg.data.download)
+    n = cfg.dataset.num_classes
+    if cfg.data.train_subset:
+        data.train_x, data.train_y = balanced_subset(data.train_x, data.train_y, cfg.data.train_subset, n)
+    if cfg.data.test_subset:
+        data.test_x, data.test_y = balanced_subset(data.test_x, data.test_y, cfg.data.test_subset, n)
+    return data
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str | None:
+    """The tract-bench commit that ran, with '+dirty' when the checkout had uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def evaluate(model, loader, amp_dtype, device):
+    """Loss, top-1 and top-5 (percent) over the whole split, counting correct / total."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    top1 = top5 = total = 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        for x, y in loader:
+            out = model(x).float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            top = out.topk(min(5, out.shape[1]), dim=1).indices
+            top1 += (top[:, 0] == y).sum()
+            top5 += (top == y[:, None]).any(1).sum()
+            total += len(y)
+    return loss_sum.item() / total, 100 * int(top1) / total, 100 * int(top5) / total
+
+
+def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtype, device, show_progress):
+    model.train()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for x, y in tqdm(loader, leave=False, disable=not show_progress, unit="batch"):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+            loss = criterion(out.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+    return loss_sum.item() / seen, 100 * correct.item() / seen, seen
+
+
+def run(cfg) -> Path:
+    """Train the configured run (or resume it, or skip it when finished); return its folder."""
+    validate(cfg)
+    folder = rundir.run_path(cfg)
+    if (folder / "summary.json").exists():
+        print(f"finished already, skipping: {folder}", flush=True)
+        return folder
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    seed_everything(cfg.seed, cfg.deterministic)
+
+    # Build everything that can fail on bad input before the run folder exists.
+    data = load_data(cfg)
+    model = build_model(cfg.model, cfg.dataset.num_classes, cfg.dataset.image_size)
+    check_fits(model, cfg.dataset.num_classes, cfg.dataset.image_size)
+    tract = None
+    if cfg.tract.lam is not None:
+        try:
+            layer = apply_tract(model, cfg.tract.lam, cfg.tract.layer, chunk_bytes=int(cfg.tract.chunk_mb * 2**20),
+                                input_size=(3, cfg.dataset.image_size, cfg.dataset.image_size),
+                                sync_gram=cfg.tract.sync_gram)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        tract = {"layer": layer, "n": model.get_submodule(layer).weight[0].numel(), "lam": cfg.tract.lam}
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    augment = cfg.dataset.augment
+    train_loader = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, cfg.dataset.mean, cfg.dataset.std,
+                                device=device, train=True, crop_padding=augment.crop_padding, hflip=augment.hflip,
+                                rotation=augment.rotation, seed=cfg.seed, channels_last=cfg.channels_last)
+    if len(train_loader) == 0:
+        raise UserError(f"batch_size={cfg.batch_size} exceeds the {len(data.train_x)} training images; lower it")
+    test_loader = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, cfg.dataset.mean,
+                               cfg.dataset.std, device=device, channels_last=cfg.channels_last)
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    forward = torch.compile(model) if cfg.compile else model
+
+    start_epoch, wall, rows = 0, 0.0, []
+    state = rundir.load_checkpoint(folder)
+    if state is None:
+        rundir.write_config(folder, cfg)
+    else:  # resume exactly: weights, optimizer, schedule, scaler, RNG streams; data order is a function of epoch
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        start_epoch, wall = state["epoch"], state["wall_seconds"]
+        rows = rundir.read_metrics(folder)[:start_epoch]
+        print(f"resuming {folder} after epoch {start_epoch}", flush=True)
+
+    show_progress = sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)
+    logfile = open(folder / "log.txt", "a")
+    print(f"run folder: {folder}  ({device_name(device)}, TrAct: {tract or 'off'})", flush=True)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc, seen = train_epoch(forward, train_loader, optimizer, scheduler, scaler, criterion,
+                                                  amp_dtype, device, show_progress)
+        train_seconds = time.perf_counter() - t0
+        test_loss, top1, top5 = evaluate(forward, test_loader, amp_dtype, device)
+        seconds = time.perf_counter() - t0
+        wall += seconds
+        rows.append(dict(epoch=epoch, step=epoch * len(train_loader), lr=f"{lr:.6g}", train_loss=f"{train_loss:.6f}",
+                         train_acc=f"{train_acc:.4f}", test_loss=f"{test_loss:.6f}", test_top1=f"{top1:.4f}",
+                         test_top5=f"{top5:.4f}", epoch_seconds=f"{seconds:.3f}",
+                         images_per_second=f"{seen / train_seconds:.1f}"))
+        rundir.write_metrics(folder, rows)
+        rundir.save_checkpoint(folder, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "wall_seconds": wall,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
+        line = (f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2f}%  "
+                f"test loss {test_loss:.4f} top1 {top1:.2f}% top5 {top5:.2f}%  {seconds:.1f}s "
+                f"({seen / train_seconds:.0f} img/s)")
+        print(line, flush=True)
+        logfile.write(line + "\n")
+        logfile.flush()
+        if not math.isfinite(train_loss):
+            break  # diverged: recorded as such, never averaged in as a result
+    logfile.close()
+
+    last = rows[-1]
+    rundir.write_summary(folder, {
+        "status": "complete" if math.isfinite(float(last["train_loss"])) else "diverged",
+        "epochs_completed": int(last["epoch"]),
+        "final": {k: float(last[k]) for k in ("test_top1", "test_top5", "test_loss", "train_loss", "train_acc")},
+        "wall_seconds": round(wall, 3), "device": device_name(device), "precision": str(amp_dtype or "fp32"),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+        "python": platform.python_version(), "git_commit": git_commit(), "tract": tract,
+        "normalization": {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)},
+        "data": {"source": data.source, "train_images": len(data.train_x), "test_images": len(data.test_x)},
+    })
+    print(f"done: {folder}  final test top1 {float(last['test_top1']):.2f}%", flush=True)
+    return folder
