@@ -55,10 +55,13 @@ class DeviceLoader:
 
     train=True: a fresh permutation and augmentation per epoch (call set_epoch), drop_last by default.
     train=False: storage order, no augmentation, the last partial batch kept by default.
+    Under DDP (world_size > 1) `batch_size` is the global batch: every rank draws the same permutation and
+    augmentation for it and keeps its own contiguous share, so K ranks see exactly the batches one process
+    would; for evaluation each rank keeps images rank::world_size, so summed counts cover the split once.
     """
 
     def __init__(self, x, y, batch_size, mean, std, *, device="cpu", train=False, crop_padding=0, hflip=False,
-                 rotation=0.0, seed=0, drop_last=None, channels_last=False):
+                 rotation=0.0, seed=0, drop_last=None, channels_last=False, rank=0, world_size=1):
         if x.dtype != torch.uint8 or x.ndim != 4 or y.shape != (len(x),):
             raise UserError(f"DeviceLoader needs uint8 images (N, C, H, W) and N labels, "
                             f"got {x.dtype} {tuple(x.shape)} and {tuple(y.shape)}")
@@ -66,10 +69,16 @@ class DeviceLoader:
             raise UserError(f"batch_size={batch_size} must be at least 1")
         if crop_padding < 0 or rotation < 0 or seed < 0:
             raise UserError(f"crop_padding={crop_padding}, rotation={rotation} and seed={seed} must be >= 0")
+        if batch_size % world_size:
+            raise UserError(f"batch_size={batch_size} is not divisible by the {world_size} processes; "
+                            "pick a multiple of the world size")
+        if not train:
+            x, y = x[rank::world_size], y[rank::world_size]
+            batch_size = -(-batch_size // world_size)
         self.device = torch.device(device)
         self.x = x.to(self.device)
         self.y = y.to(self.device, torch.int64)
-        self.batch_size = batch_size
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.train = train
         self.drop_last = train if drop_last is None else drop_last
         if self.drop_last and len(x) < batch_size:
@@ -102,15 +111,16 @@ class DeviceLoader:
         aug = torch.Generator(device=self.device).manual_seed(int(aug_seed))
         return order, aug
 
-    def _augment(self, xb, gen):
-        b, p = len(xb), self.crop_padding
+    def _augment(self, xb, gen, b, share):
+        """Augment this rank's images `xb`, drawing the random parameters for the whole global batch of `b`."""
+        p = self.crop_padding
         if p or self.hflip:
-            top, left = torch.randint(0, 2 * p + 1, (2, b), generator=gen, device=self.device)
-            flip = torch.rand(b, generator=gen, device=self.device) < 0.5 if self.hflip else None
+            top, left = torch.randint(0, 2 * p + 1, (2, b), generator=gen, device=self.device)[:, share]
+            flip = (torch.rand(b, generator=gen, device=self.device) < 0.5)[share] if self.hflip else None
             xb = crop_flip(xb, top, left, flip, p)
         xb = xb.contiguous(memory_format=self.memory_format).float()  # relayout while still uint8: 4x fewer bytes
         if self.rotation:
-            deg = (torch.rand(b, generator=gen, device=self.device) * 2 - 1) * self.rotation
+            deg = (torch.rand(b, generator=gen, device=self.device) * 2 - 1)[share] * self.rotation
             xb = rotate(xb, deg)
         return xb
 
@@ -119,10 +129,13 @@ class DeviceLoader:
         if self.train:
             order_gen, aug_gen = self._generators()
             perm = torch.randperm(n, generator=order_gen).to(self.device)
+            per_rank = bs // self.world_size
+            share = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         for i in range(len(self)):
             if self.train:
-                idx = perm[i * bs:(i + 1) * bs]
-                xb, yb = self._augment(self.x[idx], aug_gen), self.y[idx]
+                batch = perm[i * bs:(i + 1) * bs]
+                idx = batch[share]
+                xb, yb = self._augment(self.x[idx], aug_gen, len(batch), share), self.y[idx]
             else:
                 xb = self.x[i * bs:(i + 1) * bs].contiguous(memory_format=self.memory_format).float()
                 yb = self.y[i * bs:(i + 1) * bs]

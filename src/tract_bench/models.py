@@ -69,18 +69,20 @@ class ViTCifar(nn.Module):
 
 def build_model(cfg_model, num_classes: int, image_size: int) -> nn.Module:
     """Build the configured model (random init: TrAct is about training from scratch)."""
-    name = cfg_model.name
-    if name in CIFAR_RESNETS and "kwargs" not in cfg_model:
-        return resnet_cifar(name, num_classes, cfg_model.get("maxpool", True))
-    if name == "vit_cifar":
+    arch, name = cfg_model.arch, cfg_model.name
+    if arch == "cifar_resnet":
+        if name not in CIFAR_RESNETS:
+            raise UserError(f"model.name={name} is not a CIFAR ResNet; use one of {', '.join(CIFAR_RESNETS)}")
+        return resnet_cifar(name, num_classes, cfg_model.maxpool)
+    if arch == "vit_cifar":
         return ViTCifar(num_classes, image_size, cfg_model.patch, cfg_model.dim, cfg_model.depth, cfg_model.heads,
                         cfg_model.mlp_dim, cfg_model.dropout)
-    if "kwargs" not in cfg_model:
-        raise UserError(f"unknown model {name!r}; use resnet18/34/50, vit_cifar, or model=timm model.name=<name>")
-    if not timm.is_model(name):
-        raise UserError(f"unknown timm model {name!r}; list them with python -c 'import timm; "
-                        f"print(timm.list_models(\"*{name[:4]}*\"))'")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **dict(cfg_model.kwargs))
+    if arch == "timm":
+        if not timm.is_model(name):
+            raise UserError(f"unknown timm model {name!r}; list them with python -c 'import timm; "
+                            f"print(timm.list_models(\"*{name[:4]}*\"))'")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **dict(cfg_model.kwargs))
+    raise UserError(f"unknown model.arch={arch}; use cifar_resnet, vit_cifar or timm")
 
 
 def check_fits(model: nn.Module, num_classes: int, image_size: int):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from tract_bench import rundir
+from tract_bench import distributed, rundir
 from tract_bench.config import validate
 from tract_bench.data import balanced_subset, load_cifar
 from tract_bench.errors import UserError
@@ -33,9 +33,9 @@ from tract_bench.optim import build_optimizer, build_scheduler
 from tract_bench.tract import apply_tract
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
     return torch.device(name)
@@ -57,15 +57,30 @@ def seed_everything(seed: int, deterministic: bool):
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def load_data(cfg):
-    """The dataset as uint8 tensors, with the configured class-balanced subsets."""
+def build_loaders(cfg, device, rank=0, world_size=1):
+    """(train loader, test loader, meta) for the configured dataset; meta: num_classes, source, image counts."""
+    if cfg.dataset.name == "imagenet_subset":
+        from tract_bench.imagenet import build_imagenet_loaders  # decoding workers: only for ImageFolder data
+
+        return build_imagenet_loaders(cfg, device, rank, world_size)
     data = load_cifar(cfg.dataset.name, cfg.data.root, download=cfg.data.download)
-    n = cfg.dataset.num_classes
+    n = data.num_classes
     if cfg.data.train_subset:
         data.train_x, data.train_y = balanced_subset(data.train_x, data.train_y, cfg.data.train_subset, n)
     if cfg.data.test_subset:
         data.test_x, data.test_y = balanced_subset(data.test_x, data.test_y, cfg.data.test_subset, n)
-    return data
+    if cfg.batch_size > len(data.train_x):
+        raise UserError(f"batch_size={cfg.batch_size} exceeds the {len(data.train_x)} training images; lower it")
+    common = dict(device=device, channels_last=cfg.channels_last, rank=rank, world_size=world_size)
+    augment = cfg.dataset.augment
+    train = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, cfg.dataset.mean, cfg.dataset.std, train=True,
+                         crop_padding=augment.crop_padding, hflip=augment.hflip, rotation=augment.rotation,
+                         seed=cfg.seed, **common)
+    test = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, cfg.dataset.mean, cfg.dataset.std,
+                        **common)
+    meta = {"num_classes": n, "source": data.source, "train_images": len(data.train_x),
+            "test_images": len(data.test_x)}
+    return train, test, meta
 
 
 def device_name(device: torch.device) -> str:
@@ -92,10 +107,9 @@ def git_commit() -> str | None:
 
 
 def evaluate(model, loader, amp_dtype, device):
-    """Loss, top-1 and top-5 (percent) over the whole split, counting correct / total."""
+    """Loss, top-1 and top-5 (percent) over the whole split, counting correct / total over all ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    top1 = top5 = total = 0
+    loss_sum, top1, top5, total = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(4))
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for x, y in loader:
             out = model(x).float()
@@ -104,14 +118,14 @@ def evaluate(model, loader, amp_dtype, device):
             top1 += (top[:, 0] == y).sum()
             top5 += (top == y[:, None]).any(1).sum()
             total += len(y)
-    return loss_sum.item() / total, 100 * int(top1) / total, 100 * int(top5) / total
+    loss_sum, top1, top5, total = (v.item() for v in distributed.sum_all(loss_sum, top1, top5, total))
+    return loss_sum / total, 100 * top1 / total, 100 * top5 / total
 
 
 def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtype, device, show_progress):
+    """One epoch; returns (mean train loss, train accuracy %, images seen) over all ranks."""
     model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    loss_sum, correct, seen = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
     for x, y in tqdm(loader, leave=False, disable=not show_progress, unit="batch"):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
@@ -124,54 +138,53 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtyp
         loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
-    return loss_sum.item() / seen, 100 * correct.item() / seen, seen
+    loss_sum, correct, seen = (v.item() for v in distributed.sum_all(loss_sum, correct, seen))
+    return loss_sum / seen, 100 * correct / seen, int(seen)
 
 
 def run(cfg) -> Path:
-    """Train the configured run (or resume it, or skip it when finished); return its folder."""
+    """Train the configured run (or resume it, or skip it when finished); return its folder.
+
+    Under torchrun every rank runs this; only rank 0 writes the run folder.
+    """
     validate(cfg)
     folder = rundir.run_path(cfg)
     if (folder / "summary.json").exists():
         print(f"finished already, skipping: {folder}", flush=True)
         return folder
-    device = resolve_device(cfg.device)
+    rank, world_size, local_rank = distributed.init()
+    main = rank == 0
+    device = resolve_device(cfg.device, local_rank)
     amp_dtype = autocast_dtype(cfg.precision, device)
     seed_everything(cfg.seed, cfg.deterministic)
 
     # Build everything that can fail on bad input before the run folder exists.
-    data = load_data(cfg)
-    model = build_model(cfg.model, cfg.dataset.num_classes, cfg.dataset.image_size)
-    check_fits(model, cfg.dataset.num_classes, cfg.dataset.image_size)
+    train_loader, test_loader, meta = build_loaders(cfg, device, rank, world_size)
+    num_classes, size = meta["num_classes"], cfg.dataset.image_size
+    model = build_model(cfg.model, num_classes, size)
+    check_fits(model, num_classes, size)
     tract = None
     if cfg.tract.lam is not None:
         try:
             layer = apply_tract(model, cfg.tract.lam, cfg.tract.layer, chunk_bytes=int(cfg.tract.chunk_mb * 2**20),
-                                input_size=(3, cfg.dataset.image_size, cfg.dataset.image_size),
-                                sync_gram=cfg.tract.sync_gram)
+                                input_size=(3, size, size), sync_gram=cfg.tract.sync_gram)
         except ValueError as e:
             raise UserError(str(e)) from None
         tract = {"layer": layer, "n": model.get_submodule(layer).weight[0].numel(), "lam": cfg.tract.lam}
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-    augment = cfg.dataset.augment
-    train_loader = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, cfg.dataset.mean, cfg.dataset.std,
-                                device=device, train=True, crop_padding=augment.crop_padding, hflip=augment.hflip,
-                                rotation=augment.rotation, seed=cfg.seed, channels_last=cfg.channels_last)
-    if len(train_loader) == 0:
-        raise UserError(f"batch_size={cfg.batch_size} exceeds the {len(data.train_x)} training images; lower it")
-    test_loader = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, cfg.dataset.mean,
-                               cfg.dataset.std, device=device, channels_last=cfg.channels_last)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    forward = torch.compile(model) if cfg.compile else model
+    forward = model
+    if world_size > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
 
     start_epoch, wall, rows = 0, 0.0, []
     state = rundir.load_checkpoint(folder)
-    if state is None:
-        rundir.write_config(folder, cfg)
-    else:  # resume exactly: weights, optimizer, schedule, scaler, RNG streams; data order is a function of epoch
+    if state is not None:  # resume exactly: weights, optimizer, schedule, scaler, RNG; data order is f(seed, epoch)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -183,11 +196,15 @@ def run(cfg) -> Path:
         np.random.set_state(state["rng"]["numpy"])
         start_epoch, wall = state["epoch"], state["wall_seconds"]
         rows = rundir.read_metrics(folder)[:start_epoch]
-        print(f"resuming {folder} after epoch {start_epoch}", flush=True)
+        if main:
+            print(f"resuming {folder} after epoch {start_epoch}", flush=True)
+    elif main:
+        rundir.write_config(folder, cfg)
 
-    show_progress = sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)
-    logfile = open(folder / "log.txt", "a")
-    print(f"run folder: {folder}  ({device_name(device)}, TrAct: {tract or 'off'})", flush=True)
+    show_progress = main and (sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress))
+    logfile = open(folder / "log.txt", "a") if main else None
+    if main:
+        print(f"run folder: {folder}  ({device_name(device)} x{world_size}, TrAct: {tract or 'off'})", flush=True)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
@@ -202,20 +219,24 @@ def run(cfg) -> Path:
                          train_acc=f"{train_acc:.4f}", test_loss=f"{test_loss:.6f}", test_top1=f"{top1:.4f}",
                          test_top5=f"{top5:.4f}", epoch_seconds=f"{seconds:.3f}",
                          images_per_second=f"{seen / train_seconds:.1f}"))
-        rundir.write_metrics(folder, rows)
-        rundir.save_checkpoint(folder, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "wall_seconds": wall,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
-        line = (f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2f}%  "
-                f"test loss {test_loss:.4f} top1 {top1:.2f}% top5 {top5:.2f}%  {seconds:.1f}s "
-                f"({seen / train_seconds:.0f} img/s)")
-        print(line, flush=True)
-        logfile.write(line + "\n")
-        logfile.flush()
+        if main:
+            rundir.write_metrics(folder, rows)
+            rundir.save_checkpoint(folder, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "wall_seconds": wall,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
+            line = (f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2f}%  "
+                    f"test loss {test_loss:.4f} top1 {top1:.2f}% top5 {top5:.2f}%  {seconds:.1f}s "
+                    f"({seen / train_seconds:.0f} img/s)")
+            print(line, flush=True)
+            logfile.write(line + "\n")
+            logfile.flush()
         if not math.isfinite(train_loss):
             break  # diverged: recorded as such, never averaged in as a result
+    if not main:
+        distributed.shutdown()
+        return folder
     logfile.close()
 
     last = rows[-1]
@@ -223,11 +244,11 @@ def run(cfg) -> Path:
         "status": "complete" if math.isfinite(float(last["train_loss"])) else "diverged",
         "epochs_completed": int(last["epoch"]),
         "final": {k: float(last[k]) for k in ("test_top1", "test_top5", "test_loss", "train_loss", "train_acc")},
-        "wall_seconds": round(wall, 3), "device": device_name(device), "precision": str(amp_dtype or "fp32"),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-        "python": platform.python_version(), "git_commit": git_commit(), "tract": tract,
-        "normalization": {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)},
-        "data": {"source": data.source, "train_images": len(data.train_x), "test_images": len(data.test_x)},
+        "wall_seconds": round(wall, 3), "device": device_name(device), "world_size": world_size,
+        "precision": str(amp_dtype or "fp32"), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "timm": timm.__version__, "python": platform.python_version(), "git_commit": git_commit(), "tract": tract,
+        "normalization": {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}, "data": meta,
     })
     print(f"done: {folder}  final test top1 {float(last['test_top1']):.2f}%", flush=True)
+    distributed.shutdown()
     return folder

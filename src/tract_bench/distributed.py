@@ -1,0 +1,37 @@
+"""DDP under torchrun: process-group set-up, rank-0-only writing, metric reduction.
+
+`torchrun --nproc_per_node=K -m tract_bench.cli ...` sets RANK/WORLD_SIZE/LOCAL_RANK; without them everything
+here is a no-op and tract-train runs as one process. `batch_size` stays the global batch.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def sum_all(*values: torch.Tensor) -> list[torch.Tensor]:
+    """Sum scalar tensors over all ranks (one collective); identity in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    packed = torch.stack([v.double() for v in values])
+    dist.all_reduce(packed)
+    return list(packed.unbind())
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
