@@ -21,3 +21,10 @@ train: install  ## a short real training run (experiment=smoke; CIFAR-10 from $$
 
 test: install  ## the test suite (CPU); real-data tests run when $$TRACT_DATA holds CIFAR-10
 	$(BIN)/python -m pytest -q $(ARGS)
+
+EXP      ?= fig3_sgd
+SCALE    ?= smoke
+LAUNCHER ?= basic
+.PHONY: reproduce
+reproduce: install  ## the paper's experiments: EXP=fig3_sgd|fig3_adam|cifar100|vit_cifar|lambda_sweep|all SCALE=smoke|short|paper LAUNCHER=basic|joblib|slurm
+	$(BIN)/python scripts/reproduce.py --exp $(EXP) --scale $(SCALE) --launcher $(LAUNCHER) $(ARGS)
