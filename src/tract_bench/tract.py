@@ -13,10 +13,11 @@ How it is wired: the layer stays the same object with the same Parameters (state
 with a plain model); only its class becomes a thin subclass whose forward routes the weight through an
 identity autograd function. In backward that function receives grad_W from the framework's own conv/linear
 kernel (in the autocast dtype, cast back to the weight's dtype) and right-multiplies it by the inverse of the
-regularised Gram matrix. The Gram is built in float32 (float64 for float64 weights) from chunks of the
-unfolded input of at most `chunk_bytes`, so a 224^2 ImageNet stem never unfolds whole, and the n x n system
-is solved by Cholesky, never inverted. n is small (27 for a CIFAR stem, 147 for a 7x7 stem, 768 for a ViT-B
-patch), so the same n x n form is exact and cheap whether rows >= n or rows < n.
+regularised Gram matrix, with autocast switched off. The Gram is accumulated in float32 (float64 for float64
+weights) over chunks of the unfolded input of at most `chunk_bytes` (or one output row, if larger), so a 224^2
+ImageNet stem never unfolds whole; the n x n system is solved by a float64 Cholesky, never inverted. n is small
+(27 for a CIFAR stem, 147 for a 7x7 stem, 768 for a ViT-B patch), so this n x n form is exact and cheap whether
+rows >= n or rows < n; TrAct adds rows * n^2 FLOPs for the Gram and one n x n solve per step.
 
 Semantics under gradient accumulation and DDP: each backward pass (micro-batch) preconditions its own
 gradient with its own Gram, and DDP then averages the preconditioned per-rank gradients, as the reference
