@@ -37,7 +37,7 @@ def tiny_run(root, out, *overrides):
 def test_every_experiment_preset_composes(experiment):
     from tract_bench.config import validate
 
-    cfg = make_cfg(f"+experiment={experiment}" if experiment == "imagenet_r50" else f"experiment={experiment}")
+    cfg = make_cfg(f"experiment={experiment}")
     validate(cfg)
     assert cfg.epochs > 0 and cfg.optim.lr > 0
 
