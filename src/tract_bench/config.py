@@ -27,6 +27,11 @@ def register_resolvers():
         OmegaConf.register_new_resolver("by_epochs", by_epochs)
 
 
+def channels_last(cfg, device) -> bool:
+    """`channels_last: auto` means on for CUDA (tensor-core convolutions want NHWC), off on CPU."""
+    return device.type == "cuda" if cfg.channels_last == "auto" else bool(cfg.channels_last)
+
+
 def validate(cfg):
     """Refuse bad values before anything is built or written; each message names the value and the fix."""
     try:
@@ -46,6 +51,8 @@ def validate(cfg):
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise UserError(f"{key}={value} must be a positive integer or null (the whole split)")
+    if cfg.channels_last not in ("auto", True, False):
+        raise UserError(f"channels_last={cfg.channels_last} is not one of auto, true, false")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"precision={cfg.precision} is not one of auto, fp32, bf16, fp16")
     if cfg.optim.lr <= 0:

@@ -21,10 +21,12 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from tqdm import tqdm
 
 from tract_bench import distributed, rundir
-from tract_bench.config import validate
+from tract_bench.config import channels_last, validate
 from tract_bench.data import balanced_subset, load_cifar
 from tract_bench.errors import UserError
 from tract_bench.loader import DeviceLoader
@@ -39,6 +41,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
     return torch.device(name)
+
+
+def sweep_gpu() -> int:
+    """A multirun job's GPU: job number mod visible GPUs, since jobs run side by side under hydra/launcher=joblib
+    (or submitit_local). 0 outside a multirun, and on SLURM, where a job only sees its own GPU."""
+    if torch.cuda.device_count() == 0 or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return 0
+    return HydraConfig.get().job.num % torch.cuda.device_count()
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -71,7 +81,7 @@ def build_loaders(cfg, device, rank=0, world_size=1):
         data.test_x, data.test_y = balanced_subset(data.test_x, data.test_y, cfg.data.test_subset, n)
     if cfg.batch_size > len(data.train_x):
         raise UserError(f"batch_size={cfg.batch_size} exceeds the {len(data.train_x)} training images; lower it")
-    common = dict(device=device, channels_last=cfg.channels_last, rank=rank, world_size=world_size)
+    common = dict(device=device, channels_last=channels_last(cfg, device), rank=rank, world_size=world_size)
     augment = cfg.dataset.augment
     train = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, cfg.dataset.mean, cfg.dataset.std, train=True,
                          crop_padding=augment.crop_padding, hflip=augment.hflip, rotation=augment.rotation,
@@ -154,7 +164,9 @@ def run(cfg) -> Path:
         return folder
     rank, world_size, local_rank = distributed.init()
     main = rank == 0
-    device = resolve_device(cfg.device, local_rank)
+    device = resolve_device(cfg.device, local_rank if world_size > 1 else sweep_gpu())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # default-device work (cudnn handles, compile, amp) stays on this job's GPU
     amp_dtype = autocast_dtype(cfg.precision, device)
     seed_everything(cfg.seed, cfg.deterministic)
 
@@ -171,7 +183,7 @@ def run(cfg) -> Path:
         except ValueError as e:
             raise UserError(str(e)) from None
         tract = {"layer": layer, "n": model.get_submodule(layer).weight[0].numel(), "lam": cfg.tract.lam}
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model.to(device, memory_format=torch.channels_last if channels_last(cfg, device) else torch.contiguous_format)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
