@@ -119,6 +119,29 @@ def test_interrupted_run_resumes_to_identical_metrics(tiny_cifar10_root, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_compiled_run_resumes_uncompiled(tiny_cifar10_root, tmp_path, monkeypatch):
+    """Checkpoints hold the uncompiled weights, so a torch.compile run resumes without compile (same folder)."""
+    calls, real_epoch = [], train.train_epoch
+
+    def crash_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", crash_in_epoch_2)
+    compiled = tiny_run(tiny_cifar10_root, tmp_path, *TINY_VIT, "epochs=2", "tract.lam=0.1", "compile=true")
+    with pytest.raises(KeyboardInterrupt):
+        train.run(compiled)
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    folder = train.run(tiny_run(tiny_cifar10_root, tmp_path, *TINY_VIT, "epochs=2", "tract.lam=0.1"))
+    assert folder == train.rundir.run_path(compiled)
+    assert json.loads((folder / "summary.json").read_text())["epochs_completed"] == 2
+    state = torch.load(folder / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert "emb.weight" in state and not any(k.startswith("_orig_mod") for k in state)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["tract.lam=0"], "tract.lam=0"),
     (["tract.lam=-0.1"], "tract.lam=-0.1"),

@@ -19,8 +19,10 @@ from omegaconf import OmegaConf
 
 METRICS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_top1", "test_top5",
            "epoch_seconds", "images_per_second"]
-# Keys that say where things are or how they are shown, not what is trained: a run keeps its folder when they change.
-NOT_HASHED = ("out_dir", "progress", "data.root", "data.download", "data.workers", "data.eval_batch_size")
+# Keys that say where things are, how they are shown, or how fast/lean the same computation runs, not what is
+# trained: a run keeps its folder when they change (so a compiled run can be resumed without compile).
+NOT_HASHED = ("out_dir", "progress", "data.root", "data.download", "data.workers", "data.eval_batch_size",
+              "compile", "channels_last", "tract.chunk_mb")
 
 
 def run_path(cfg) -> Path:
