@@ -28,3 +28,10 @@ LAUNCHER ?= basic
 .PHONY: reproduce
 reproduce: install  ## the paper's experiments: EXP=fig3_sgd|fig3_adam|cifar100|vit_cifar|lambda_sweep|all SCALE=smoke|short|paper LAUNCHER=basic|joblib|slurm
 	$(BIN)/python scripts/reproduce.py --exp $(EXP) --scale $(SCALE) --launcher $(LAUNCHER) $(ARGS)
+
+.PHONY: bench bench-tract
+bench: install  ## training throughput: tract-train's loop vs the official script's loop, with/without TrAct (results/bench.md); ARGS=... adds flags
+	$(BIN)/python scripts/bench_train.py $(ARGS)
+
+bench-tract: install  ## TrAct's overhead per training step, interleaved with the baseline (results/bench_tract.csv)
+	$(BIN)/python scripts/bench_tract.py $(ARGS)

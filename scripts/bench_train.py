@@ -1,0 +1,357 @@
+"""Training throughput: tract-train's loop vs a reference loop that mirrors the official TrAct CIFAR script.
+
+For the paper's CIFAR ResNet-18 and the CIFAR ViT, each with and without TrAct (lambda=0.1), it measures
+images/second over full training steps (data, forward, backward, optimizer, schedule) of two loops:
+
+  fast       tract-train's loop: the uint8 set held on the device, DeviceLoader's batched crop + flip +
+             normalisation, tract_bench.train.train_epoch (no per-step host sync); bf16 autocast and
+             channels_last on CUDA, fp32 on CPU. Optimizer and schedule from conf/optim/sgd_cosine.yaml.
+  reference  scripts/reference_loop.py: PIL images through torchvision transforms in DataLoader workers,
+             fp32, SGD momentum 0.9 lr 0.08, CosineAnnealingLR stepped per iteration, loss.item() per step.
+
+Both read the same uint8 arrays with the same normalisation. Every (model, method, loop) trains its own
+copy of one initialisation per model. A repetition runs each of them in turn (the loop order alternates
+between repetitions) for --warmup untimed steps, then --steps timed steps, so drift on a busy machine hits
+all of them alike; each reported ratio is the median over repetitions of that repetition's paired ratio.
+--epochs E times E whole epochs per repetition instead, each a fresh pass over its loader (the reference
+pays its worker start-up every epoch, as the official script does).
+
+Targets (checked below and printed PASS/MISS, never asserted):
+  CPU            fast >= 1.2x the reference loop on ResNet-18
+  GPU (H200)     fast >= 3x the reference loop on ResNet-18; one ResNet-18 CIFAR-10 epoch (390 steps of 128)
+                 <= 1.5 s; TrAct overhead in the fast loop <= 3 %
+--accuracy-epochs N also trains every (model, method, loop) for N real epochs from the same initialisation and
+reports its final test top-1, so the report can show whether the fast path costs accuracy (one seed: expect
+differences of a few tenths of a percent from data order alone).
+
+Data: CIFAR-10 from --data, else $TRACT_DATA, else ./data (never downloaded); without it, synthetic uint8 data
+of CIFAR-10's shape (fine for throughput, refused for --accuracy-epochs).
+
+  python scripts/bench_train.py [--steps N] [--warmup N] [--reps N] [--epochs E] [--models ...]
+                                [--accuracy-epochs N] [--out-dir results]
+"""
+
+import argparse
+import copy
+import csv
+import os
+import platform
+import statistics
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torchvision
+from omegaconf import OmegaConf
+
+from reference_loop import (TEST_BATCH, CifarImages, TEST_TRANSFORM, TRAIN_TRANSFORM, reference_evaluate,
+                            reference_loader, reference_optimizer, reference_train_steps)
+from tract_bench.data import ImageData, load_cifar
+from tract_bench.errors import UserError
+from tract_bench.loader import DeviceLoader
+from tract_bench.models import ViTCifar, resnet_cifar
+from tract_bench.optim import build_optimizer, build_scheduler
+from tract_bench.tract import apply_tract
+from tract_bench.train import device_name, evaluate, train_epoch
+
+# ---- settings ----
+CONF = Path(__file__).resolve().parents[1] / "conf"
+DATASET = OmegaConf.load(CONF / "dataset/cifar10.yaml")  # tract-train's CIFAR-10 preset: normalisation, augmentation
+OPTIM = OmegaConf.load(CONF / "optim/sgd_cosine.yaml")  # tract-train's SGD-cosine preset (lr 0.08, momentum 0.9)
+MODELS = {"resnet18_cifar": lambda: resnet_cifar("resnet18", 10), "vit_cifar": lambda: ViTCifar(10)}
+METHODS = {"baseline": None, "tract": 0.1}  # TrAct's lambda
+LOOPS = ("fast", "reference")
+BATCH = 128
+# The fast loop's precision label, autocast dtype and channels_last per device. channels_last also speeds up fp32
+# convolutions on some CPUs; it is off there because tract-train's default (channels_last=false) is what CPU users get.
+FAST = {"cuda": ("bf16+channels_last", torch.bfloat16, True), "cpu": ("fp32", None, False)}
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+EVAL_BATCH = 1000
+SEED = 0
+# Per device: a GPU step takes milliseconds, so it needs many steps per timing; a CPU step takes about a second.
+DEFAULTS = {"cuda": dict(steps=200, warmup=20, reps=5), "cpu": dict(steps=10, warmup=2, reps=3)}
+CPU_MIN_RATIO, GPU_MIN_RATIO, GPU_MAX_EPOCH_S, GPU_MAX_OVERHEAD = 1.2, 3.0, 1.5, 3.0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FastLoop:
+    """tract-train's path, as tract_bench.train.run wires it."""
+
+    def __init__(self, model, data, batch, device, total_steps, compile_model=False):
+        self.device = device
+        _, self.amp_dtype, channels_last = FAST[device.type]
+        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        aug = DATASET.augment
+        self.loader = DeviceLoader(data.train_x, data.train_y, batch, DATASET.mean, DATASET.std, device=device,
+                                   train=True, crop_padding=aug.crop_padding, hflip=aug.hflip,
+                                   rotation=aug.rotation, seed=SEED, channels_last=channels_last)
+        self.test_loader = DeviceLoader(data.test_x, data.test_y, EVAL_BATCH, DATASET.mean, DATASET.std,
+                                        device=device, channels_last=channels_last)
+        self.optimizer = build_optimizer(OPTIM, self.model.parameters())
+        # one cosine over all the steps this loop will take (with no warm-up, 1 x total = epochs x per-epoch)
+        self.scheduler = build_scheduler(OPTIM, self.optimizer, 1, total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.epoch = 0
+
+    def batches(self):
+        """Training batches without end, one fresh epoch (order and augmentation) after another."""
+        while True:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            yield from self.loader
+
+    def train(self, batches) -> float:
+        torch.backends.cudnn.benchmark = True  # as tract-train sets it
+        return train_epoch(self.forward, batches, self.optimizer, self.scheduler, self.scaler,
+                           torch.nn.CrossEntropyLoss(), self.amp_dtype, self.device, False)[0]
+
+    def test_top1(self) -> float:
+        return evaluate(self.forward, self.test_loader, self.amp_dtype, self.device)[1]
+
+
+class ReferenceLoop:
+    """The official script's path (scripts/reference_loop.py); datasets are shared, loaders are its own."""
+
+    def __init__(self, model, train_set, test_set, batch, device, total_steps):
+        self.device, self.model = device, model.to(device)
+        self.loader = reference_loader(train_set, batch, train=True)
+        self.test_loader = reference_loader(test_set, TEST_BATCH, train=False)
+        self.optimizer, self.scheduler = reference_optimizer(self.model, total_steps)
+
+    def batches(self):
+        """Training batches without end; each pass over the DataLoader starts its workers anew."""
+        while True:
+            yield from self.loader
+
+    def train(self, batches) -> float:
+        torch.backends.cudnn.benchmark = False  # the official script leaves cuDNN's default
+        return statistics.fmean(reference_train_steps(self.model, batches, self.optimizer, self.scheduler,
+                                                      self.device))
+
+    def test_top1(self) -> float:
+        return reference_evaluate(self.model, self.test_loader, self.device)
+
+
+def load_data(root, synthetic_sizes=(CIFAR_TRAIN, CIFAR_TEST)) -> tuple[ImageData, bool]:
+    """CIFAR-10 from `root` (never downloaded: a benchmark should not fetch 170 MB), else synthetic uint8 data."""
+    try:
+        return load_cifar("cifar10", root, download=False), True
+    except UserError:
+        print(f"note: no CIFAR-10 under {root} (pass --data or set TRACT_DATA); using synthetic uint8 data of its "
+              "shape: the same work per step, so throughput is comparable, but accuracy means nothing", flush=True)
+    g = torch.Generator().manual_seed(SEED)
+    n_train, n_test = synthetic_sizes
+    return ImageData(torch.randint(0, 256, (n_train, 3, 32, 32), generator=g, dtype=torch.uint8),
+                     torch.randint(0, 10, (n_train,), generator=g),
+                     torch.randint(0, 256, (n_test, 3, 32, 32), generator=g, dtype=torch.uint8),
+                     torch.randint(0, 10, (n_test,), generator=g), [str(c) for c in range(10)], "synthetic"), False
+
+
+def build_loops(args, data, device, total_steps) -> dict:
+    """One loop per (model, method, loop), each with its own copy of the model's one initialisation."""
+    train_set = CifarImages(data.train_x, data.train_y, TRAIN_TRANSFORM)
+    test_set = CifarImages(data.test_x, data.test_y, TEST_TRANSFORM)
+    loops = {}
+    for name in args.models:
+        torch.manual_seed(SEED)
+        init = MODELS[name]()
+        for method, lam in METHODS.items():
+            for loop in LOOPS:
+                model = copy.deepcopy(init)
+                if lam is not None:
+                    apply_tract(model, lam)
+                if loop == "fast":
+                    loops[name, method, loop] = FastLoop(model, data, args.batch_size, device, total_steps,
+                                                         args.compile)
+                else:
+                    loops[name, method, loop] = ReferenceLoop(model, train_set, test_set, args.batch_size, device,
+                                                              total_steps)
+    return loops
+
+
+def measure(loop, batch, warmup, steps, epochs, device) -> float:
+    """Images/s over `steps` steps, or over `epochs` whole epochs, after `warmup` untimed steps."""
+    batches = loop.batches()
+    if warmup:
+        loop.train(islice(batches, warmup))
+    steps_per_epoch = len(loop.loader)
+    if epochs:
+        batches.close()  # each timed epoch is a fresh pass, start-up included, as in a real run
+    sync(device)
+    t0 = time.perf_counter()
+    if epochs:
+        for _ in range(epochs):
+            epoch = loop.batches()
+            loop.train(islice(epoch, steps_per_epoch))
+            epoch.close()
+    else:
+        loop.train(islice(batches, steps))
+    sync(device)
+    seconds = time.perf_counter() - t0
+    batches.close()
+    return (epochs * steps_per_epoch if epochs else steps) * batch / seconds
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """Median over repetitions of a[i] / b[i]: runs of one repetition were close in time, so drift cancels."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def summarise(ips: dict, args, device, data_label, timing) -> list[dict]:
+    rows = []
+    for (name, method, loop), rates in ips.items():
+        rate = statistics.median(rates)
+        ratio = paired(rates, ips[name, method, "reference"])
+        overhead = 100 * (paired(ips[name, "baseline", loop], rates) - 1) if method == "tract" else None
+        rows.append({
+            "device": device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "data": data_label, "model": name, "method": method, "loop": loop,
+            "precision": FAST[device.type][0] + ("+compile" if args.compile else "") if loop == "fast" else "fp32",
+            "batch": args.batch_size, "timing": timing, "images_per_s": round(rate, 1),
+            # a CIFAR-10 training epoch (390 steps of 128) at this rate
+            "epoch_s": round((CIFAR_TRAIN // args.batch_size) * args.batch_size / rate, 3),
+            "ratio_to_reference": round(ratio, 3),
+            "tract_overhead_pct": "" if overhead is None else round(overhead, 2)})
+    return rows
+
+
+def check_targets(rows: list[dict], device) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for each target that applies to this device and these models."""
+    by = {(r["model"], r["method"], r["loop"]): r for r in rows}
+    checks = []
+    for method in METHODS:
+        fast = by.get(("resnet18_cifar", method, "fast"))
+        if fast is None:
+            continue
+        if device.type == "cuda":
+            checks.append((f"ResNet-18 {method}: fast >= {GPU_MIN_RATIO}x reference", f"{fast['ratio_to_reference']}x",
+                           fast["ratio_to_reference"] >= GPU_MIN_RATIO))
+            checks.append((f"ResNet-18 {method}: CIFAR-10 epoch <= {GPU_MAX_EPOCH_S} s", f"{fast['epoch_s']} s",
+                           fast["epoch_s"] <= GPU_MAX_EPOCH_S))
+        else:
+            checks.append((f"ResNet-18 {method}: fast >= {CPU_MIN_RATIO}x reference", f"{fast['ratio_to_reference']}x",
+                           fast["ratio_to_reference"] >= CPU_MIN_RATIO))
+    if device.type == "cuda":
+        for (name, method, loop), r in by.items():
+            if method == "tract" and loop == "fast":
+                checks.append((f"{name}: TrAct overhead (fast loop) <= {GPU_MAX_OVERHEAD} %",
+                               f"{r['tract_overhead_pct']} %", r["tract_overhead_pct"] <= GPU_MAX_OVERHEAD))
+    return checks
+
+
+def accuracy(args, data, device) -> list[dict]:
+    """Train every (model, method, loop) for args.accuracy_epochs real epochs; final test top-1 of each."""
+    total = args.accuracy_epochs * (len(data.train_x) // args.batch_size)
+    rows = []
+    for (name, method, loop_name), loop in build_loops(args, data, device, total).items():
+        t0 = time.perf_counter()
+        for _ in range(args.accuracy_epochs):
+            epoch = loop.batches()
+            loss = loop.train(islice(epoch, len(loop.loader)))
+            epoch.close()
+        rows.append({"model": name, "method": method, "loop": loop_name, "epochs": args.accuracy_epochs,
+                     "final_train_loss": round(loss, 4), "test_top1": round(loop.test_top1(), 2),
+                     "train_s": round(time.perf_counter() - t0, 1)})
+        print(f"accuracy  {name:15s} {method:8s} {loop_name:9s} top-1 {rows[-1]['test_top1']:.2f} %", flush=True)
+    return rows
+
+
+def markdown(rows, checks, acc_rows, header) -> str:
+    lines = ["# Training throughput: tract-train's loop vs the official script's loop", "", *header, "",
+             "| model | method | loop | precision | images/s | x reference | TrAct overhead | CIFAR-10 epoch |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        overhead = f"{r['tract_overhead_pct']:+.1f} %" if r["tract_overhead_pct"] != "" else ""
+        lines.append(f"| {r['model']} | {r['method']} | {r['loop']} | {r['precision']} | {r['images_per_s']:.0f} | "
+                     f"{r['ratio_to_reference']:.2f} | {overhead} | {r['epoch_s']:.2f} s |")
+    lines += ["", "Targets (PASS/MISS; measured, never asserted):", ""]
+    lines += [f"- {'PASS' if ok else 'MISS'}  {target}: {value}" for target, value, ok in checks] or ["- none apply"]
+    if acc_rows:
+        lines += ["", f"## Accuracy after {acc_rows[0]['epochs']} epochs (same init, one seed)", "",
+                  "| model | method | loop | final train loss | test top-1 |", "|---|---|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['method']} | {r['loop']} | {r['final_train_loss']:.4f} | {r['test_top1']:.2f} |"
+                  for r in acc_rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict]):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, help="timed steps per repetition (default: 200 on CUDA, 10 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps before each timing (default: 20 on CUDA, 2 on CPU)")
+    p.add_argument("--reps", type=int, help="repetitions; medians over them (default: 5 on CUDA, 3 on CPU)")
+    p.add_argument("--epochs", type=int, default=0, help="time this many whole epochs per repetition, not --steps")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--batch-size", type=int, default=BATCH, help="the paper's 128; smaller only for quick checks")
+    p.add_argument("--data", default=os.environ.get("TRACT_DATA", "data"), help="folder holding CIFAR-10")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast loop's model, as compile=true")
+    p.add_argument("--accuracy-epochs", type=int, default=0, help="also train N epochs per loop; report test top-1")
+    p.add_argument("--out-dir", default="results", help="where bench.csv and bench.md go")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for key, value in DEFAULTS[device.type].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if min(args.steps, args.reps, args.batch_size) < 1 or min(args.warmup, args.epochs, args.accuracy_epochs) < 0:
+        p.error("--steps, --reps and --batch-size must be >= 1; --warmup, --epochs and --accuracy-epochs >= 0")
+
+    data, real = load_data(args.data)
+    if args.accuracy_epochs and not real:
+        p.error("--accuracy-epochs needs the real CIFAR-10: pass --data or set TRACT_DATA")
+    if len(data.train_x) < args.batch_size:
+        p.error(f"--batch-size {args.batch_size} exceeds the {len(data.train_x)} training images")
+    data_label = f"CIFAR-10 ({len(data.train_x)} train images)" if real else "synthetic uint8, CIFAR-10 shape"
+    per_rep = args.warmup + (args.epochs * (len(data.train_x) // args.batch_size) if args.epochs else args.steps)
+    loops = build_loops(args, data, device, args.reps * per_rep)
+    timed = f"{args.epochs} epoch(s)" if args.epochs else f"{args.steps} steps"
+    timing = f"{timed} after {args.warmup} warm-up steps, x{args.reps} reps"
+    print(f"{device_name(device)}; {data_label}; {timing}", flush=True)
+
+    ips = {key: [] for key in loops}
+    for rep in range(args.reps):
+        for name in args.models:
+            for method in METHODS:
+                for loop in LOOPS if rep % 2 == 0 else LOOPS[::-1]:
+                    rate = measure(loops[name, method, loop], args.batch_size, args.warmup, args.steps, args.epochs,
+                                   device)
+                    ips[name, method, loop].append(rate)
+                    print(f"rep {rep + 1}/{args.reps}  {name:15s} {method:8s} {loop:9s} {rate:9.1f} images/s",
+                          flush=True)
+    del loops  # frees their memory before the accuracy runs
+
+    rows = summarise(ips, args, device, data_label, timing)
+    checks = check_targets(rows, device)
+    header = [f"- device: {device_name(device)}",
+              f"- torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}",
+              f"- data: {data_label}; batch {args.batch_size}",
+              f"- timing: {timing}; medians over reps of paired per-rep ratios",
+              "- reference: PIL + torchvision transforms in DataLoader workers, fp32, loss.item() per step "
+              "(scripts/reference_loop.py)"]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "bench.csv", rows)
+    report = markdown(rows, checks, [], header)
+    (out / "bench.md").write_text(report)  # written now, so a failed accuracy run loses no throughput result
+    if args.accuracy_epochs:
+        acc_rows = accuracy(args, data, device)
+        write_csv(out / "bench_accuracy.csv", acc_rows)
+        report = markdown(rows, checks, acc_rows, header)
+        (out / "bench.md").write_text(report)
+    print("\n" + report, flush=True)
+    return rows, checks
+
+
+if __name__ == "__main__":
+    main()

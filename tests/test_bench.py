@@ -1,0 +1,182 @@
+"""The benchmark scripts: the fast and reference loops compute the same thing, and both scripts run end to end."""
+
+import copy
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_tract  # noqa: E402
+import bench_train  # noqa: E402
+import reference_loop  # noqa: E402
+from tract_bench.models import resnet_cifar  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fast_and_reference_loops_agree_without_augmentation(tiny_cifar10_root):
+    """Same images in the same order, same normalisation, same init: same batches and the same loss each step."""
+    data, real = bench_train.load_data(tiny_cifar10_root)
+    assert real
+    torch.manual_seed(0)
+    init = resnet_cifar("resnet18", 10)
+    test_set = reference_loop.CifarImages(data.test_x, data.test_y, reference_loop.TEST_TRANSFORM)
+
+    def loops():
+        return (bench_train.FastLoop(copy.deepcopy(init), data, 16, CPU, total_steps=3),
+                bench_train.ReferenceLoop(copy.deepcopy(init), test_set, test_set, 16, CPU, total_steps=3))
+
+    fast, ref = loops()
+    # the test loaders: storage order, no augmentation
+    xf, yf = next(iter(fast.test_loader))
+    xr, yr = next(iter(ref.test_loader))
+    k = min(len(yf), len(yr))
+    assert torch.equal(yf[:k], yr[:k])
+    torch.testing.assert_close(xf[:k], xr[:k], rtol=1e-6, atol=1e-6)
+    # a step on each loop's own batch: the same loss up to the rounding of the normalisation
+    assert fast.train([(xf[:16], yf[:16])]) == pytest.approx(ref.train([(xr[:16], yr[:16])]), rel=1e-6, abs=1e-6)
+    # three steps on one shared tensor (rounding differences would grow over steps): equal losses mean equal
+    # forward passes, updates and learning rates
+    fast, ref = loops()
+    for _ in range(3):
+        assert fast.train([(xf[:16], yf[:16])]) == pytest.approx(ref.train([(xf[:16], yf[:16])]), rel=1e-6)
+    assert fast.scheduler.get_last_lr() == pytest.approx(ref.scheduler.get_last_lr(), abs=1e-12)
+
+
+def test_train_loaders_agree_on_shape_and_normalisation(tiny_cifar10_root):
+    """Augmented batches of both loops: same shape and dtype, standardised with the same constants."""
+    data, _ = bench_train.load_data(tiny_cifar10_root)
+    fast = bench_train.FastLoop(resnet_cifar("resnet18", 10), data, 32, CPU, total_steps=1)
+    train_set = reference_loop.CifarImages(data.train_x, data.train_y, reference_loop.TRAIN_TRANSFORM)
+    ref = bench_train.ReferenceLoop(resnet_cifar("resnet18", 10), train_set, train_set, 32, CPU, total_steps=1)
+    assert len(fast.loader) == len(ref.loader) == len(data.train_x) // 32  # both drop the last partial batch
+    xf, yf = next(fast.batches())
+    xr, yr = next(ref.batches())
+    assert xf.shape == xr.shape == (32, 3, 32, 32) and xf.dtype == xr.dtype == torch.float32
+    assert yf.dtype == yr.dtype == torch.int64
+    # zero padding maps to -mean/std in both: the smallest value of a padded channel
+    low = torch.tensor([-m / s for m, s in zip(reference_loop.MEAN, reference_loop.STD)])
+    assert (xf.amin((0, 2, 3)) >= low - 1e-5).all() and (xr.amin((0, 2, 3)) >= low - 1e-5).all()
+    assert list(bench_train.DATASET.mean) == list(reference_loop.MEAN)
+    assert list(bench_train.DATASET.std) == list(reference_loop.STD)
+
+
+def test_synthetic_fallback(tmp_path, capsys):
+    data, real = bench_train.load_data(tmp_path / "missing", synthetic_sizes=(64, 16))
+    assert not real and "synthetic" in capsys.readouterr().out
+    assert data.train_x.shape == (64, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.test_y.shape == (16,) and int(data.train_y.max()) < 10
+
+
+def test_bench_train_end_to_end(tiny_cifar10_root, tmp_path):
+    rows, checks = bench_train.main(["--steps", "2", "--warmup", "1", "--reps", "2", "--batch-size", "16",
+                                     "--models", "resnet18_cifar", "--data", str(tiny_cifar10_root),
+                                     "--out-dir", str(tmp_path)])
+    written = read_csv(tmp_path / "bench.csv")
+    assert len(written) == 4 and list(written[0]) == list(rows[0])
+    assert {(r["method"], r["loop"]) for r in written} == {(m, loop) for m in ("baseline", "tract")
+                                                           for loop in ("fast", "reference")}
+    for r in written:
+        assert float(r["images_per_s"]) > 0 and float(r["epoch_s"]) > 0
+        assert (r["tract_overhead_pct"] != "") == (r["method"] == "tract")
+        if r["loop"] == "reference":
+            assert float(r["ratio_to_reference"]) == 1.0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| resnet18_cifar | tract | fast |" in md
+    verdicts = [line for line in md.splitlines() if line.startswith(("- PASS", "- MISS"))]
+    assert len(checks) == len(verdicts) == 2  # CPU: one ratio target per method
+    assert not (tmp_path / "bench_accuracy.csv").exists()
+
+
+@pytest.mark.slow
+def test_bench_train_epochs_and_accuracy_modes(tiny_cifar10_root, tmp_path):
+    bench_train.main(["--epochs", "1", "--warmup", "1", "--reps", "1", "--batch-size", "64", "--accuracy-epochs", "1",
+                      "--models", "resnet18_cifar", "--data", str(tiny_cifar10_root), "--out-dir", str(tmp_path)])
+    assert len(read_csv(tmp_path / "bench.csv")) == 4
+    acc = read_csv(tmp_path / "bench_accuracy.csv")
+    assert len(acc) == 4 and all(0 <= float(r["test_top1"]) <= 100 for r in acc)
+    assert "## Accuracy after 1 epochs" in (tmp_path / "bench.md").read_text()
+
+
+def test_accuracy_mode_refuses_synthetic_data(tmp_path):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--accuracy-epochs", "1", "--data", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
+
+
+def test_bench_train_summary_and_targets():
+    """Ratios and overheads are medians of per-repetition pairs; targets depend on the device."""
+    ips = {("resnet18_cifar", "baseline", "fast"): [300.0, 200.0, 330.0],
+           ("resnet18_cifar", "baseline", "reference"): [100.0, 100.0, 100.0],
+           ("resnet18_cifar", "tract", "fast"): [290.0, 190.0, 320.0],
+           ("resnet18_cifar", "tract", "reference"): [100.0, 90.0, 100.0]}
+
+    class Args:
+        batch_size, compile = 128, False
+
+    rows = bench_train.summarise(ips, Args, CPU, "synthetic", "test")
+    by = {(r["method"], r["loop"]): r for r in rows}
+    assert by["baseline", "fast"]["ratio_to_reference"] == 3.0  # pairs 3.0, 2.0, 3.3
+    assert by["tract", "fast"]["tract_overhead_pct"] == pytest.approx(100 * (300 / 290 - 1), abs=0.01)
+    assert by["baseline", "fast"]["epoch_s"] == pytest.approx(390 * 128 / 300, abs=1e-3)
+    cpu_checks = bench_train.check_targets(rows, CPU)
+    assert [ok for _, _, ok in cpu_checks] == [True, True]
+    gpu_checks = bench_train.check_targets(rows, torch.device("cuda"))
+    assert len(gpu_checks) == 5  # ratio and epoch time per method, overhead of the one TrAct fast loop
+    assert not any(ok for target, _, ok in gpu_checks if "epoch" in target)  # 166 s, not 1.5 s
+
+
+def test_bench_tract_interleaves_in_abba_order(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench_tract, "train_step", lambda model, *a: calls.append(model))
+    models = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]  # stand-ins: the optimizers need parameters
+    times = bench_tract.time_interleaved(models, None, None, None, False, steps=3, warmup=1, device=CPU)
+    assert [models.index(m) for m in calls] == [0, 1, 1, 0, 0, 1, 1, 0]
+    assert [len(t) for t in times] == [3, 3]  # the warm-up pair is not timed
+
+
+def test_bench_tract_twins_and_overhead(monkeypatch):
+    """The TrAct model starts from the baseline's weights; the overhead and its check follow the medians."""
+
+    def fake_timing(models, x, y, amp_dtype, scaled, steps, warmup, device):
+        base, tract = (m.state_dict() for m in models)
+        assert base.keys() == tract.keys() and all(torch.equal(base[k], tract[k]) for k in base)
+        assert type(models[1].get_submodule("conv1")).__name__ == "TrActConv2d"
+        return [[1.0, 1.0, 5.0], [1.025, 1.025, 0.1]]  # medians 1.0 and 1.025
+
+    monkeypatch.setattr(bench_tract, "time_interleaved", fake_timing)
+
+    class Args:
+        steps, warmup, batch = 3, 0, 2
+
+    (row,) = bench_tract.bench_model("resnet18_cifar", Args, CPU)
+    assert row["overhead_pct"] == 2.5 and row["check"] == "PASS" and row["tract_n"] == 27
+
+
+def test_bench_tract_end_to_end(tmp_path):
+    out = tmp_path / "tract.csv"
+    bench_tract.main(["--steps", "2", "--warmup", "1", "--batch", "4", "--models", "resnet18_cifar", "vit_cifar",
+                      "--out", str(out)])
+    rows = read_csv(out)
+    assert [(r["model"], r["tract_layer"], r["tract_n"], r["precision"]) for r in rows] == [
+        ("resnet18_cifar", "conv1", "27", "fp32"), ("vit_cifar", "emb", "48", "fp32")]
+    for r in rows:
+        assert float(r["ms_step_baseline"]) > 0 and float(r["ms_step_tract"]) > 0
+        assert r["check"] in ("PASS", "MISS")
+        assert float(r["overhead_pct"]) == pytest.approx(
+            100 * (float(r["ms_step_tract"]) / float(r["ms_step_baseline"]) - 1), abs=0.05)
+
+
+def test_bench_tract_imagenet_resnet50(tmp_path):
+    out = tmp_path / "tract.csv"
+    bench_tract.main(["--steps", "1", "--warmup", "0", "--batch", "2", "--models", "resnet50_imagenet",
+                      "--out", str(out)])
+    (row,) = read_csv(out)
+    assert (row["tract_n"], row["image_size"], row["check"]) == ("147", "224", "")
