@@ -89,25 +89,29 @@ def test_one_epoch_writes_the_whole_run_folder(tiny_cifar10_root, tmp_path, caps
     assert "finished already" in capsys.readouterr().out
 
 
-def test_interrupted_run_resumes_to_identical_metrics(tiny_cifar10_root, tmp_path, monkeypatch):
-    args = ["epochs=3", "deterministic=true", "tract.lam=0.05", "dataset.augment.rotation=10"]
-    whole = train.run(tiny_run(tiny_cifar10_root, tmp_path / "a", *args))
-
+def run_interrupted(cfg, epoch, monkeypatch):
+    """Run cfg until it is killed (KeyboardInterrupt) at the start of `epoch`."""
     calls, real_epoch = [], train.train_epoch
 
-    def crash_in_epoch_3(*a, **k):
+    def crash(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == epoch:
             raise KeyboardInterrupt
         return real_epoch(*a, **k)
 
-    monkeypatch.setattr(train, "train_epoch", crash_in_epoch_3)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train_epoch", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(cfg)
+
+
+def test_interrupted_run_resumes_to_identical_metrics(tiny_cifar10_root, tmp_path, monkeypatch):
+    args = ["epochs=3", "deterministic=true", "tract.lam=0.05", "dataset.augment.rotation=10"]
+    whole = train.run(tiny_run(tiny_cifar10_root, tmp_path / "a", *args))
     cfg = tiny_run(tiny_cifar10_root, tmp_path / "b", *args)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cfg)
+    run_interrupted(cfg, 3, monkeypatch)
     folder = train.rundir.run_path(cfg)
     assert not (folder / "summary.json").exists() and len(list(csv.DictReader(open(folder / "metrics.csv")))) == 2
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
     assert train.run(cfg) == folder
 
     def results(f):
@@ -122,19 +126,8 @@ def test_interrupted_run_resumes_to_identical_metrics(tiny_cifar10_root, tmp_pat
 @pytest.mark.slow
 def test_compiled_run_resumes_uncompiled(tiny_cifar10_root, tmp_path, monkeypatch):
     """Checkpoints hold the uncompiled weights, so a torch.compile run resumes without compile (same folder)."""
-    calls, real_epoch = [], train.train_epoch
-
-    def crash_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(train, "train_epoch", crash_in_epoch_2)
     compiled = tiny_run(tiny_cifar10_root, tmp_path, *TINY_VIT, "epochs=2", "tract.lam=0.1", "compile=true")
-    with pytest.raises(KeyboardInterrupt):
-        train.run(compiled)
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    run_interrupted(compiled, 2, monkeypatch)
     folder = train.run(tiny_run(tiny_cifar10_root, tmp_path, *TINY_VIT, "epochs=2", "tract.lam=0.1"))
     assert folder == train.rundir.run_path(compiled)
     assert json.loads((folder / "summary.json").read_text())["epochs_completed"] == 2
