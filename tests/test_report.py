@@ -19,7 +19,8 @@ def write_run(root, name, *, final_top1, epochs=4, lam=None, seed=0, dataset="ci
     run = root / name
     run.mkdir(parents=True)
     config = {"dataset": {"name": dataset}, "model": {"name": model}, "optim": {"name": optim, "lr": lr},
-              "epochs": epochs, "seed": seed, "batch_size": 128, "tract": {"lam": lam}}
+              "epochs": epochs, "seed": seed, "batch_size": 128, "tract": {"lam": lam},
+              "data": {"root": "/home/someone/datasets", "train_subset": None}}
     if classes is not None:
         config["dataset"]["classes"] = classes
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -83,7 +84,8 @@ def test_aggregates_complete_runs_with_bessel_std(tmp_path, caplog):
 
     long = read_csv(written["runs.csv"])
     assert len(long) == 5 * 4  # every run (incomplete too) x 4 epochs
-    assert {"path", "status", "dataset.name", "optim.lr", "tract.lam", "test_top1"} <= set(long[0])
+    assert {"path", "status", "dataset.name", "optim.lr", "tract.lam", "data.train_subset", "test_top1"} <= set(long[0])
+    assert "data.root" not in long[0]  # one machine's data location does not belong in shared results
     assert {r["status"] for r in long if r["path"].endswith("tract-s1")} == {"incomplete"}
 
 

@@ -267,8 +267,11 @@ def _markdown(frame: pd.DataFrame) -> list[str]:
 
 
 def runs_frame(runs: list[dict]) -> pd.DataFrame:
-    """Long format: one row per run per epoch, with the run's flattened config beside its metrics."""
-    keys = sorted(set().union(*(run["config"] for run in runs)))
+    """Long format: one row per run per epoch, with the run's flattened config beside its metrics.
+
+    data.root is left out: it says where one machine keeps the data, and results are shared across machines.
+    """
+    keys = sorted(set().union(*(run["config"] for run in runs)) - {"data.root"})
     frames = []
     for run in runs:
         # Lists (e.g. normalisation stats) become JSON so a cell stays one value.
