@@ -122,6 +122,22 @@ def test_failed_download_message(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and "could not download cifar100" in msg and "name resolution" in msg
     assert "TRACT_DATA=/dir/holding/cifar-100-python" in msg
+    assert os.listdir(tmp_path / "new") == []  # the failed download left nothing behind
+
+
+def test_download_lands_atomically(tmp_path, monkeypatch, tiny_cifar10_root):
+    """The download is unpacked privately and renamed into place; a copy that lost the race is discarded."""
+    import torchvision
+
+    def fake_download(url, root, filename, md5):
+        shutil.copytree(os.path.join(tiny_cifar10_root, "cifar-10-batches-py"),
+                        os.path.join(root, "cifar-10-batches-py"))
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fake_download)
+    assert len(load_cifar("cifar10", tmp_path, download=True).train_y) == 200
+    assert sorted(os.listdir(tmp_path)) == ["cifar-10-batches-py"]
+    data._download("cifar10", data._SPECS["cifar10"], tmp_path, fix="")  # another job finishing second
+    assert sorted(os.listdir(tmp_path)) == ["cifar-10-batches-py"]
 
 
 def test_unknown_dataset_name(tmp_path):

@@ -123,6 +123,24 @@ def test_interrupted_run_resumes_to_identical_metrics(tiny_cifar10_root, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_a_different_precision(tiny_cifar10_root, tmp_path, monkeypatch):
+    """precision=auto resolves per machine: a run started in fp32 must not silently continue in bf16."""
+    cfg = tiny_run(tiny_cifar10_root, tmp_path, *TINY_VIT, "epochs=2")
+    run_interrupted(cfg, 2, monkeypatch)
+    monkeypatch.setattr(train, "resolve_precision", lambda precision, device: "bf16")
+    with pytest.raises(UserError, match="trained in fp32 so far.*resume with precision=fp32"):
+        train.run(cfg)
+
+
+def test_device_names_are_checked():
+    assert train.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="device=gpu0 is not a torch device"):
+        train.resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device is visible"):
+            train.resolve_device("cuda")
+
+
 @pytest.mark.slow
 def test_compiled_run_resumes_uncompiled(tiny_cifar10_root, tmp_path, monkeypatch):
     """Checkpoints hold the uncompiled weights, so a torch.compile run resumes without compile (same folder)."""

@@ -172,12 +172,20 @@ def _download(name: str, spec: _Spec, root: Path, fix: str) -> None:
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     # only fetch and unpack (md5-checked) through torchvision: constructing the dataset would unpickle the
     # batches with plain pickle, which we never do
+    # Into a private temporary folder, then renamed into place: parallel jobs or ranks that download at once
+    # never read each other's half-written files; the first to finish wins and the others discard their copy.
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
     try:
-        torchvision.datasets.utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename,
+        torchvision.datasets.utils.download_and_extract_archive(cls.url, str(tmp), filename=cls.filename,
                                                                 md5=cls.tgz_md5)
+        if not (root / spec.folder).exists():
+            os.replace(tmp / spec.folder, root / spec.folder)
     except Exception as e:
         msg = " ".join(str(e).split())
         raise UserError(f"could not download {name} into {root} ({type(e).__name__}: {msg}); {fix}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_cifar(name: str, root: str | os.PathLike, download: bool = True,

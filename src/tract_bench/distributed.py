@@ -4,6 +4,7 @@
 here is a no-op and tract-train runs as one process. `batch_size` stays the global batch.
 """
 
+import contextlib
 import os
 
 import torch
@@ -30,6 +31,17 @@ def sum_all(*values: torch.Tensor) -> list[torch.Tensor]:
     packed = torch.stack([v.double() for v in values])
     dist.all_reduce(packed)
     return list(packed.unbind())
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (e.g. a download into a shared folder), the other ranks after it."""
+    ranked = dist.is_available() and dist.is_initialized()
+    if ranked and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if ranked and dist.get_rank() == 0:
+        dist.barrier()
 
 
 def shutdown():

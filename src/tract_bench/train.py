@@ -35,12 +35,21 @@ from tract_bench.optim import build_optimizer, build_scheduler
 from tract_bench.tract import apply_tract
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, index: int = 0) -> torch.device:
+    """cpu, or a CUDA device with an index: `auto`/`cuda` take `index` (the local rank, or a sweep job's GPU)."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
+        device = torch.device("cuda", index if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"device={name}: only {torch.cuda.device_count()} CUDA devices are visible")
+    return device
 
 
 def sweep_gpu() -> int:
@@ -51,10 +60,12 @@ def sweep_gpu() -> int:
     return HydraConfig.get().job.num % torch.cuda.device_count()
 
 
-def autocast_dtype(precision: str, device: torch.device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on CUDA, plain fp32 on CPU."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
 
 
 def seed_everything(seed: int, deterministic: bool):
@@ -63,7 +74,8 @@ def seed_everything(seed: int, deterministic: bool):
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # warn_only: a few CUDA backward kernels (e.g. adaptive pooling) have no deterministic version
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not deterministic
 
 
@@ -167,11 +179,13 @@ def run(cfg) -> Path:
     device = resolve_device(cfg.device, local_rank if world_size > 1 else sweep_gpu())
     if device.type == "cuda":
         torch.cuda.set_device(device)  # default-device work (cudnn handles, compile, amp) stays on this job's GPU
-    amp_dtype = autocast_dtype(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)
+    amp_dtype = AUTOCAST[precision]
     seed_everything(cfg.seed, cfg.deterministic)
 
     # Build everything that can fail on bad input before the run folder exists.
-    train_loader, test_loader, meta = build_loaders(cfg, device, rank, world_size)
+    with distributed.rank0_first():  # one rank downloads or unpacks the data, the others then read it
+        train_loader, test_loader, meta = build_loaders(cfg, device, rank, world_size)
     num_classes, size = meta["num_classes"], cfg.dataset.image_size
     model = build_model(cfg.model, num_classes, size)
     check_fits(model, num_classes, size)
@@ -197,6 +211,10 @@ def run(cfg) -> Path:
     start_epoch, wall, rows = 0, 0.0, []
     state = rundir.load_checkpoint(folder)
     if state is not None:  # resume exactly: weights, optimizer, schedule, scaler, RNG; data order is f(seed, epoch)
+        if state["precision"] != precision:  # e.g. precision=auto started on a CPU, resumed on a GPU
+            raise UserError(f"{folder} was trained in {state['precision']} so far, this machine would continue in "
+                            f"{precision}; resume with precision={state['precision']} or start anew with another "
+                            "out_dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -235,7 +253,7 @@ def run(cfg) -> Path:
             rundir.write_metrics(folder, rows)
             rundir.save_checkpoint(folder, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "wall_seconds": wall,
+                "scaler": scaler.state_dict(), "epoch": epoch, "wall_seconds": wall, "precision": precision,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
             line = (f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2f}%  "
@@ -257,7 +275,7 @@ def run(cfg) -> Path:
         "epochs_completed": int(last["epoch"]),
         "final": {k: float(last[k]) for k in ("test_top1", "test_top5", "test_loss", "train_loss", "train_acc")},
         "wall_seconds": round(wall, 3), "device": device_name(device), "world_size": world_size,
-        "precision": str(amp_dtype or "fp32"), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "precision": precision, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "timm": timm.__version__, "python": platform.python_version(), "git_commit": git_commit(), "tract": tract,
         "normalization": {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}, "data": meta,
     })
