@@ -91,8 +91,6 @@ def build_loaders(cfg, device, rank=0, world_size=1):
         data.train_x, data.train_y = balanced_subset(data.train_x, data.train_y, cfg.data.train_subset, n)
     if cfg.data.test_subset:
         data.test_x, data.test_y = balanced_subset(data.test_x, data.test_y, cfg.data.test_subset, n)
-    if cfg.batch_size > len(data.train_x):
-        raise UserError(f"batch_size={cfg.batch_size} exceeds the {len(data.train_x)} training images; lower it")
     common = dict(device=device, channels_last=channels_last(cfg, device), rank=rank, world_size=world_size)
     augment = cfg.dataset.augment
     train = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, cfg.dataset.mean, cfg.dataset.std, train=True,
