@@ -7,8 +7,8 @@ TrAct steps alternate in ABBA order (B T T B B T ...), so drift, thermal state a
 machine hit both alike; the report is the median step time of each after --warmup untimed steps per side.
 
 Models: the paper's CIFAR ResNet-18 (3x3 stem, n=27, batch 128, 32^2), the CIFAR ViT (patch 4, n=48, batch
-128) and an ImageNet ResNet-50 (7x7 stem, n=147, 224^2; batch 32 on CPU, 256 on CUDA). On CUDA: bf16
-autocast and channels_last, then fp16 autocast with a GradScaler; on CPU: fp32.
+128) and an ImageNet ResNet-50 (7x7 stem, n=147, 224^2; batch 32 on CPU, 256 on CUDA), channels_last as
+tract-train's default. On CUDA: bf16 autocast, then fp16 autocast with a GradScaler; on CPU: fp32.
 
 Targets (printed PASS/MISS, never asserted): TrAct overhead <= 3 % on the CIFAR ResNet-18 and <= 2 % on the
 CIFAR ViT. (The paper reports +9.7 % for its CIFAR ViT and 0.08-0.25 % for ImageNet ViTs, paper section 4.6.)
@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
+from omegaconf import OmegaConf
 
+from tract_bench.config import channels_last
 from tract_bench.models import ViTCifar, resnet_cifar
 from tract_bench.tract import apply_tract
 from tract_bench.train import device_name
@@ -81,7 +83,8 @@ def time_interleaved(models, x, y, amp_dtype, scaled, steps, warmup, device) -> 
 def bench_model(name, args, device) -> list[dict]:
     build, classes, size, cpu_batch, cuda_batch = MODELS[name]
     batch = args.batch or (cuda_batch if device.type == "cuda" else cpu_batch)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last(OmegaConf.create({"channels_last": "auto"}), device) \
+        else torch.contiguous_format
     torch.manual_seed(SEED)
     baseline = build()
     tract = copy.deepcopy(baseline)

@@ -4,8 +4,9 @@ For the paper's CIFAR ResNet-18 and the CIFAR ViT, each with and without TrAct (
 images/second over full training steps (data, forward, backward, optimizer, schedule) of two loops:
 
   fast       tract-train's loop: the uint8 set held on the device, DeviceLoader's batched crop + flip +
-             normalisation, tract_bench.train.train_epoch (no per-step host sync); bf16 autocast and
-             channels_last on CUDA, fp32 on CPU. Optimizer and schedule from conf/optim/sgd_cosine.yaml.
+             normalisation, tract_bench.train.train_epoch (no per-step host sync), with tract-train's
+             defaults: channels_last on CUDA and CPU, bf16 autocast on CUDA and fp32 on CPU (--precision
+             picks another, as precision= does). Optimizer and schedule from conf/optim/sgd_cosine.yaml.
   reference  scripts/reference_loop.py: PIL images through torchvision transforms in DataLoader workers,
              fp32, SGD momentum 0.9 lr 0.08, CosineAnnealingLR stepped per iteration, loss.item() per step.
 
@@ -20,15 +21,20 @@ Targets (checked below and printed PASS/MISS, never asserted):
   CPU            fast >= 1.2x the reference loop on ResNet-18
   GPU (H200)     fast >= 3x the reference loop on ResNet-18; one ResNet-18 CIFAR-10 epoch (390 steps of 128)
                  <= 1.5 s; TrAct overhead in the fast loop <= 3 %
---accuracy-epochs N also trains every (model, method, loop) for N real epochs from the same initialisation and
-reports its final test top-1, so the report can show whether the fast path costs accuracy (one seed: expect
-differences of a few tenths of a percent from data order alone).
+--accuracy-epochs N also trains every (model, method, loop) for N real epochs and reports its final test top-1,
+so the report shows whether the fast path costs accuracy: --accuracy-seeds S repeats that for seeds 0..S-1 (seed k:
+one initialisation shared by the loops of a model, data order and augmentation from k; --accuracy-models picks
+the models, default --models) and the report gives
+mean +- std over seeds, the yardstick for "within seed noise"; --accuracy-train-subset N trains on a
+class-balanced N-image subset (for a CPU; the test set is always the whole 10,000).
 
 Data: CIFAR-10 from --data, else $TRACT_DATA, else ./data (never downloaded); without it, synthetic uint8 data
 of CIFAR-10's shape (fine for throughput, refused for --accuracy-epochs).
 
   python scripts/bench_train.py [--steps N] [--warmup N] [--reps N] [--epochs E] [--models ...]
-                                [--accuracy-epochs N] [--out-dir results]
+                                [--accuracy-epochs N [--accuracy-seeds S] [--accuracy-train-subset N]
+                                 [--accuracy-models ...]]
+                                [--precision auto|fp32|bf16|fp16] [--compile] [--out-dir results]
 """
 
 import argparse
@@ -47,13 +53,14 @@ from omegaconf import OmegaConf
 
 from reference_loop import (TEST_BATCH, CifarImages, TEST_TRANSFORM, TRAIN_TRANSFORM, reference_evaluate,
                             reference_loader, reference_optimizer, reference_train_steps)
-from tract_bench.data import ImageData, load_cifar
+from tract_bench.config import channels_last
+from tract_bench.data import ImageData, balanced_subset, load_cifar
 from tract_bench.errors import UserError
 from tract_bench.loader import DeviceLoader
 from tract_bench.models import ViTCifar, resnet_cifar
 from tract_bench.optim import build_optimizer, build_scheduler
 from tract_bench.tract import apply_tract
-from tract_bench.train import device_name, evaluate, train_epoch
+from tract_bench.train import AUTOCAST, device_name, evaluate, resolve_precision, train_epoch
 
 # ---- settings ----
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -63,15 +70,23 @@ MODELS = {"resnet18_cifar": lambda: resnet_cifar("resnet18", 10), "vit_cifar": l
 METHODS = {"baseline": None, "tract": 0.1}  # TrAct's lambda
 LOOPS = ("fast", "reference")
 BATCH = 128
-# The fast loop's precision label, autocast dtype and channels_last per device. channels_last also speeds up fp32
-# convolutions on some CPUs; it is off there because tract-train's default (channels_last=false) is what CPU users get.
-FAST = {"cuda": ("bf16+channels_last", torch.bfloat16, True), "cpu": ("fp32", None, False)}
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 EVAL_BATCH = 1000
 SEED = 0
 # Per device: a GPU step takes milliseconds, so it needs many steps per timing; a CPU step takes about a second.
 DEFAULTS = {"cuda": dict(steps=200, warmup=20, reps=5), "cpu": dict(steps=10, warmup=2, reps=3)}
 CPU_MIN_RATIO, GPU_MIN_RATIO, GPU_MAX_EPOCH_S, GPU_MAX_OVERHEAD = 1.2, 3.0, 1.5, 3.0
+
+
+def fast_channels_last(device) -> bool:
+    """channels_last as tract-train's default (channels_last=auto) resolves it on this device."""
+    return channels_last(OmegaConf.create({"channels_last": "auto"}), device)
+
+
+def fast_label(args, device) -> str:
+    """The fast loop's settings in words, e.g. 'bf16+channels_last+compile'."""
+    return "+".join([resolve_precision(args.precision, device)] + ["channels_last"] * fast_channels_last(device)
+                    + ["compile"] * args.compile)
 
 
 def sync(device):
@@ -82,20 +97,21 @@ def sync(device):
 class FastLoop:
     """tract-train's path, as tract_bench.train.run wires it."""
 
-    def __init__(self, model, data, batch, device, total_steps, compile_model=False):
+    def __init__(self, model, data, batch, device, total_steps, precision="auto", compile_model=False, seed=SEED):
         self.device = device
-        _, self.amp_dtype, channels_last = FAST[device.type]
+        self.amp_dtype = AUTOCAST[resolve_precision(precision, device)]
+        channels_last = fast_channels_last(device)
         self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         aug = DATASET.augment
         self.loader = DeviceLoader(data.train_x, data.train_y, batch, DATASET.mean, DATASET.std, device=device,
                                    train=True, crop_padding=aug.crop_padding, hflip=aug.hflip,
-                                   rotation=aug.rotation, seed=SEED, channels_last=channels_last)
+                                   rotation=aug.rotation, seed=seed, channels_last=channels_last)
         self.test_loader = DeviceLoader(data.test_x, data.test_y, EVAL_BATCH, DATASET.mean, DATASET.std,
                                         device=device, channels_last=channels_last)
         self.optimizer = build_optimizer(OPTIM, self.model.parameters())
         # one cosine over all the steps this loop will take (with no warm-up, 1 x total = epochs x per-epoch)
         self.scheduler = build_scheduler(OPTIM, self.optimizer, 1, total_steps)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)  # as tract-train
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.epoch = 0
 
@@ -153,13 +169,13 @@ def load_data(root, synthetic_sizes=(CIFAR_TRAIN, CIFAR_TEST)) -> tuple[ImageDat
                      torch.randint(0, 10, (n_test,), generator=g), [str(c) for c in range(10)], "synthetic"), False
 
 
-def build_loops(args, data, device, total_steps) -> dict:
+def build_loops(args, models, data, device, total_steps, seed=SEED) -> dict:
     """One loop per (model, method, loop), each with its own copy of the model's one initialisation."""
     train_set = CifarImages(data.train_x, data.train_y, TRAIN_TRANSFORM)
     test_set = CifarImages(data.test_x, data.test_y, TEST_TRANSFORM)
     loops = {}
-    for name in args.models:
-        torch.manual_seed(SEED)
+    for name in models:
+        torch.manual_seed(seed)  # also seeds the reference loaders' shuffling
         init = MODELS[name]()
         for method, lam in METHODS.items():
             for loop in LOOPS:
@@ -168,7 +184,7 @@ def build_loops(args, data, device, total_steps) -> dict:
                     apply_tract(model, lam)
                 if loop == "fast":
                     loops[name, method, loop] = FastLoop(model, data, args.batch_size, device, total_steps,
-                                                         args.compile)
+                                                         args.precision, args.compile, seed)
                 else:
                     loops[name, method, loop] = ReferenceLoop(model, train_set, test_set, args.batch_size, device,
                                                               total_steps)
@@ -212,7 +228,7 @@ def summarise(ips: dict, args, device, data_label, timing) -> list[dict]:
         rows.append({
             "device": device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "data": data_label, "model": name, "method": method, "loop": loop,
-            "precision": FAST[device.type][0] + ("+compile" if args.compile else "") if loop == "fast" else "fp32",
+            "precision": fast_label(args, device) if loop == "fast" else "fp32",
             "batch": args.batch_size, "timing": timing, "images_per_s": round(rate, 1),
             # a CIFAR-10 training epoch (390 steps of 128) at this rate
             "epoch_s": round((CIFAR_TRAIN // args.batch_size) * args.batch_size / rate, 3),
@@ -246,20 +262,49 @@ def check_targets(rows: list[dict], device) -> list[tuple[str, str, bool]]:
 
 
 def accuracy(args, data, device) -> list[dict]:
-    """Train every (model, method, loop) for args.accuracy_epochs real epochs; final test top-1 of each."""
+    """Train every (model, method, loop) for args.accuracy_epochs real epochs per seed; final test top-1 of each."""
     total = args.accuracy_epochs * (len(data.train_x) // args.batch_size)
     rows = []
-    for (name, method, loop_name), loop in build_loops(args, data, device, total).items():
-        t0 = time.perf_counter()
-        for _ in range(args.accuracy_epochs):
-            epoch = loop.batches()
-            loss = loop.train(islice(epoch, len(loop.loader)))
-            epoch.close()
-        rows.append({"model": name, "method": method, "loop": loop_name, "epochs": args.accuracy_epochs,
-                     "final_train_loss": round(loss, 4), "test_top1": round(loop.test_top1(), 2),
-                     "train_s": round(time.perf_counter() - t0, 1)})
-        print(f"accuracy  {name:15s} {method:8s} {loop_name:9s} top-1 {rows[-1]['test_top1']:.2f} %", flush=True)
+    for seed in range(args.accuracy_seeds):
+        for (name, method, loop_name), loop in build_loops(args, args.accuracy_models, data, device, total,
+                                                                   seed).items():
+            t0 = time.perf_counter()
+            for _ in range(args.accuracy_epochs):
+                epoch = loop.batches()
+                loss = loop.train(islice(epoch, len(loop.loader)))
+                epoch.close()
+            rows.append({"model": name, "method": method, "loop": loop_name, "seed": seed,
+                         "epochs": args.accuracy_epochs, "train_images": len(data.train_x),
+                         "final_train_loss": round(loss, 4), "test_top1": round(loop.test_top1(), 2),
+                         "train_s": round(time.perf_counter() - t0, 1)})
+            print(f"accuracy  seed {seed}  {name:15s} {method:8s} {loop_name:9s} top-1 {rows[-1]['test_top1']:.2f} %",
+                  flush=True)
     return rows
+
+
+def accuracy_table(acc_rows) -> list[str]:
+    """Mean +- std of test top-1 over seeds per (model, method, loop), and fast minus reference per (model, method)."""
+    top1 = {}
+    for r in acc_rows:
+        top1.setdefault((r["model"], r["method"], r["loop"]), []).append(r["test_top1"])
+    first = acc_rows[0]
+
+    def mean_std(values):
+        std = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        return f"{statistics.fmean(values):.2f}{std}"
+
+    lines = ["", f"## Test top-1 after {first['epochs']} epochs on {first['train_images']} training images "
+             f"({len(set(r['seed'] for r in acc_rows))} seed(s); mean ± std over seeds)", "",
+             "| model | method | fast loop | reference loop | fast − reference | per seed (fast / reference) |",
+             "|---|---|---:|---:|---:|---|"]
+    for (name, method, loop), fast in top1.items():
+        if loop != "fast":
+            continue
+        ref = top1[name, method, "reference"]
+        seeds = ", ".join(f"{f:.2f} / {r:.2f}" for f, r in zip(fast, ref))
+        lines.append(f"| {name} | {method} | {mean_std(fast)} | {mean_std(ref)} | "
+                     f"{statistics.fmean(fast) - statistics.fmean(ref):+.2f} | {seeds} |")
+    return lines
 
 
 def markdown(rows, checks, acc_rows, header) -> str:
@@ -273,10 +318,7 @@ def markdown(rows, checks, acc_rows, header) -> str:
     lines += ["", "Targets (PASS/MISS; measured, never asserted):", ""]
     lines += [f"- {'PASS' if ok else 'MISS'}  {target}: {value}" for target, value, ok in checks] or ["- none apply"]
     if acc_rows:
-        lines += ["", f"## Accuracy after {acc_rows[0]['epochs']} epochs (same init, one seed)", "",
-                  "| model | method | loop | final train loss | test top-1 |", "|---|---|---|---:|---:|"]
-        lines += [f"| {r['model']} | {r['method']} | {r['loop']} | {r['final_train_loss']:.4f} | {r['test_top1']:.2f} |"
-                  for r in acc_rows]
+        lines += accuracy_table(acc_rows)
     return "\n".join(lines) + "\n"
 
 
@@ -296,25 +338,42 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--batch-size", type=int, default=BATCH, help="the paper's 128; smaller only for quick checks")
     p.add_argument("--data", default=os.environ.get("TRACT_DATA", "data"), help="folder holding CIFAR-10")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="the fast loop's precision, as tract-train's precision= (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast loop's model, as compile=true")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train N epochs per loop; report test top-1")
+    p.add_argument("--accuracy-models", nargs="+", choices=list(MODELS), help="models of the accuracy runs "
+                   "(default: --models)")
+    p.add_argument("--accuracy-seeds", type=int, default=1, help="repeat the accuracy runs for seeds 0..S-1")
+    p.add_argument("--accuracy-train-subset", type=int, help="accuracy runs on a class-balanced subset this size")
     p.add_argument("--out-dir", default="results", help="where bench.csv and bench.md go")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.accuracy_models = args.accuracy_models or args.models
     for key, value in DEFAULTS[device.type].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if min(args.steps, args.reps, args.batch_size) < 1 or min(args.warmup, args.epochs, args.accuracy_epochs) < 0:
-        p.error("--steps, --reps and --batch-size must be >= 1; --warmup, --epochs and --accuracy-epochs >= 0")
+    if min(args.steps, args.reps, args.batch_size, args.accuracy_seeds) < 1 \
+            or min(args.warmup, args.epochs, args.accuracy_epochs) < 0:
+        p.error("--steps, --reps, --batch-size and --accuracy-seeds must be >= 1; --warmup, --epochs and "
+                "--accuracy-epochs >= 0")
 
     data, real = load_data(args.data)
     if args.accuracy_epochs and not real:
         p.error("--accuracy-epochs needs the real CIFAR-10: pass --data or set TRACT_DATA")
-    if len(data.train_x) < args.batch_size:
-        p.error(f"--batch-size {args.batch_size} exceeds the {len(data.train_x)} training images")
+    acc_data = data
+    if args.accuracy_train_subset:  # checked now, not after the throughput runs
+        acc_data = copy.copy(data)
+        try:
+            acc_data.train_x, acc_data.train_y = balanced_subset(data.train_x, data.train_y,
+                                                                 args.accuracy_train_subset, data.num_classes)
+        except UserError as e:
+            p.error(f"--accuracy-train-subset: {e}")
+    if len(acc_data.train_x) < args.batch_size:
+        p.error(f"--batch-size {args.batch_size} exceeds the {len(acc_data.train_x)} training images")
     data_label = f"CIFAR-10 ({len(data.train_x)} train images)" if real else "synthetic uint8, CIFAR-10 shape"
     per_rep = args.warmup + (args.epochs * (len(data.train_x) // args.batch_size) if args.epochs else args.steps)
-    loops = build_loops(args, data, device, args.reps * per_rep)
+    loops = build_loops(args, args.models, data, device, args.reps * per_rep)
     timed = f"{args.epochs} epoch(s)" if args.epochs else f"{args.steps} steps"
     timing = f"{timed} after {args.warmup} warm-up steps, x{args.reps} reps"
     print(f"{device_name(device)}; {data_label}; {timing}", flush=True)
@@ -345,7 +404,7 @@ def main(argv=None):
     report = markdown(rows, checks, [], header)
     (out / "bench.md").write_text(report)  # written now, so a failed accuracy run loses no throughput result
     if args.accuracy_epochs:
-        acc_rows = accuracy(args, data, device)
+        acc_rows = accuracy(args, acc_data, device)
         write_csv(out / "bench_accuracy.csv", acc_rows)
         report = markdown(rows, checks, acc_rows, header)
         (out / "bench.md").write_text(report)

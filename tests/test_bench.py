@@ -84,6 +84,7 @@ def test_bench_train_end_to_end(tiny_cifar10_root, tmp_path):
     assert len(written) == 4 and list(written[0]) == list(rows[0])
     assert {(r["method"], r["loop"]) for r in written} == {(m, loop) for m in ("baseline", "tract")
                                                            for loop in ("fast", "reference")}
+    assert {r["precision"] for r in written} == {"fp32+channels_last", "fp32"}  # tract-train's CPU defaults; reference
     for r in written:
         assert float(r["images_per_s"]) > 0 and float(r["epoch_s"]) > 0
         assert (r["tract_overhead_pct"] != "") == (r["method"] == "tract")
@@ -98,17 +99,37 @@ def test_bench_train_end_to_end(tiny_cifar10_root, tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_epochs_and_accuracy_modes(tiny_cifar10_root, tmp_path):
-    bench_train.main(["--epochs", "1", "--warmup", "1", "--reps", "1", "--batch-size", "64", "--accuracy-epochs", "1",
-                      "--models", "resnet18_cifar", "--data", str(tiny_cifar10_root), "--out-dir", str(tmp_path)])
+    bench_train.main(["--epochs", "1", "--warmup", "1", "--reps", "1", "--batch-size", "32", "--accuracy-epochs", "1",
+                      "--accuracy-seeds", "2", "--accuracy-train-subset", "100", "--models", "resnet18_cifar",
+                      "--data", str(tiny_cifar10_root), "--out-dir", str(tmp_path)])
     assert len(read_csv(tmp_path / "bench.csv")) == 4
     acc = read_csv(tmp_path / "bench_accuracy.csv")
-    assert len(acc) == 4 and all(0 <= float(r["test_top1"]) <= 100 for r in acc)
-    assert "## Accuracy after 1 epochs" in (tmp_path / "bench.md").read_text()
+    assert len(acc) == 8 and {r["seed"] for r in acc} == {"0", "1"}
+    assert all(0 <= float(r["test_top1"]) <= 100 and r["train_images"] == "100" for r in acc)
+    md = (tmp_path / "bench.md").read_text()
+    assert "## Test top-1 after 1 epochs on 100 training images (2 seed(s)" in md
+    assert len([line for line in md.splitlines() if line.startswith("| resnet18_cifar | ") and " / " in line]) == 2
 
 
 def test_accuracy_mode_refuses_synthetic_data(tmp_path):
     with pytest.raises(SystemExit):
         bench_train.main(["--accuracy-epochs", "1", "--data", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
+
+
+def test_accuracy_subset_is_checked_before_any_timing(tiny_cifar10_root, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--accuracy-epochs", "1", "--accuracy-train-subset", "5", "--data", str(tiny_cifar10_root),
+                          "--out-dir", str(tmp_path)])
+    assert "--accuracy-train-subset: subset size 5 is smaller than the 10 classes" in capsys.readouterr().err
+    assert not (tmp_path / "bench.csv").exists()
+
+
+def test_accuracy_table_gives_mean_std_and_difference():
+    rows = [{"model": "m", "method": "baseline", "loop": loop, "seed": seed, "epochs": 2, "train_images": 100,
+             "test_top1": top1} for seed, (f, r) in enumerate([(50.0, 48.0), (52.0, 50.0)])
+            for loop, top1 in (("fast", f), ("reference", r))]
+    table = bench_train.accuracy_table(rows)
+    assert "| m | baseline | 51.00 ± 1.41 | 49.00 ± 1.41 | +2.00 | 50.00 / 48.00, 52.00 / 50.00 |" in table
 
 
 def test_bench_train_summary_and_targets():
@@ -119,7 +140,7 @@ def test_bench_train_summary_and_targets():
            ("resnet18_cifar", "tract", "reference"): [100.0, 90.0, 100.0]}
 
     class Args:
-        batch_size, compile = 128, False
+        batch_size, compile, precision = 128, False, "auto"
 
     rows = bench_train.summarise(ips, Args, CPU, "synthetic", "test")
     by = {(r["method"], r["loop"]): r for r in rows}

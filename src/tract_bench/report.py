@@ -1,7 +1,7 @@
 """tract-report: turn run folders into tables, speed-ups and plots.
 
-A run folder holds config.yaml and metrics.csv, plus summary.json once the run finished. Only finished
-runs are averaged; the rest are listed as incomplete. Everything written is sorted and formatted with fixed
+Run folders are read by tract_bench.rundir.find_runs. Only finished runs (summary.json) are averaged; the rest
+are listed as incomplete. Everything written is sorted and formatted with fixed
 precision, with no timestamps, so a results folder diffs cleanly in git.
 """
 
@@ -15,16 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
 from tract_bench.errors import UserError
 from tract_bench.paper_values import paper_accuracy
 from tract_bench.plots import write_plots
-from tract_bench.rundir import METRICS, NOT_HASHED
+from tract_bench.rundir import METRICS, NOT_HASHED, find_runs
 
-log = logging.getLogger("tract_bench.report")
+log = logging.getLogger("tract_bench.report")  # warnings from reading run folders come from tract_bench.rundir
 
-REQUIRED = ["dataset.name", "model.name", "optim.name", "epochs", "seed", "tract.lam"]
 SETTING = ["dataset", "model", "optimizer"]
 GROUP = SETTING + ["epochs", "method", "lam"]
 # Keys that may differ between the seeds of one group without changing what is measured (where files are,
@@ -34,85 +32,6 @@ NOT_SETTINGS = {"seed", *NOT_HASHED, "device", "compile", "channels_last", "dete
 FIXED_2 = {"top1_mean", "top1_std", "top5_mean", "top5_std", "paper_top1", "paper_top5", "target", "last_test_top1"}
 BELOW = "below smallest baseline budget"
 BEYOND = "beyond largest baseline budget"
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _load_run(path: str) -> dict | None:
-    """One run as {path, config, metrics, final}; None (with a warning) when the folder can't be used."""
-    folder = Path(path)
-    try:
-        config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"), resolve=True)
-        config = _flatten(config)
-    except Exception as err:  # YAML syntax, failed interpolation, not a mapping: all mean "unreadable"
-        reason = str(err).partition("\n")[0] or type(err).__name__
-        log.warning("skipping %s: unreadable config.yaml (%s)", path, reason)
-        return None
-    missing = [key for key in REQUIRED if key not in config]
-    if missing:
-        log.warning("skipping %s: config.yaml lacks %s", path, ", ".join(missing))
-        return None
-    if not isinstance(config["epochs"], int) or not isinstance(config["tract.lam"], (int, float, type(None))):
-        log.warning("skipping %s: config.yaml has epochs=%r, tract.lam=%r; expected an int and a number or null",
-                    path, config["epochs"], config["tract.lam"])
-        return None
-
-    metrics = pd.DataFrame(columns=METRICS)  # a run that has not finished its first epoch yet
-    if (folder / "metrics.csv").is_file():
-        try:
-            metrics = pd.read_csv(folder / "metrics.csv")
-        except pd.errors.EmptyDataError:
-            pass
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            log.warning("skipping %s: unreadable metrics.csv (%s)", path, err)
-            return None
-        if set(METRICS) - set(metrics.columns):
-            log.warning("skipping %s: metrics.csv lacks columns %s", path,
-                        ", ".join(sorted(set(METRICS) - set(metrics.columns))))
-            return None
-
-    final = None
-    if (folder / "summary.json").is_file():
-        try:
-            summary = json.loads((folder / "summary.json").read_text())
-            if summary["status"] == "complete":
-                final = (float(summary["final"]["test_top1"]), float(summary["final"]["test_top5"]))
-        except (ValueError, KeyError, TypeError) as err:
-            log.warning("%s: unreadable summary.json (%s); counting the run as incomplete", path, err)
-    return {"path": path, "config": config, "metrics": metrics.sort_values("epoch"), "final": final}
-
-
-def find_runs(run_dirs: list[str]) -> list[dict]:
-    """Every run folder at any depth below run_dirs, sorted by path."""
-    runs, seen = [], set()
-    for root in run_dirs:
-        if not os.path.isdir(root):
-            raise UserError(f"run directory {root!r} does not exist; pass folders written by tract-train")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            if "config.yaml" in filenames:
-                dirnames[:] = []  # folders inside a run (checkpoints/) are not runs
-                real = os.path.realpath(dirpath)
-                if real not in seen:  # overlapping RUN_DIRs must not count a run twice
-                    seen.add(real)
-                    runs.append(_load_run(os.path.normpath(dirpath)))
-            elif any(not name.startswith(".") for name in filenames):
-                log.warning("skipping %s: no config.yaml, so not a run folder", os.path.normpath(dirpath))
-    runs = sorted((run for run in runs if run is not None), key=lambda run: run["path"])
-    if not runs:
-        raise UserError(f"no run folders (config.yaml + metrics.csv) below {' '.join(run_dirs)}; "
-                        "pass the directory tract-train wrote its runs to")
-    return runs
 
 
 def group_of(config: dict) -> dict:
@@ -373,14 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("tract-report: warning: %(message)s"))
-    log.addHandler(handler)
+    package_log = logging.getLogger("tract_bench")  # this module's and rundir's warnings
+    package_log.addHandler(handler)
     try:
         written = report(args.run_dirs, args.out, args.target)
     except UserError as err:
         print(f"tract-report: error: {err}", file=sys.stderr)
         return 2
     finally:
-        log.removeHandler(handler)
+        package_log.removeHandler(handler)
     out = written["final.md"].parent
     print(f"tract-report: wrote {len(written)} files to {out}/")
     # The summary is final.md's first section: the results table.

@@ -143,9 +143,14 @@ def evaluate(model, loader, amp_dtype, device):
 
 
 def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtype, device, show_progress):
-    """One epoch; returns (mean train loss, train accuracy %, images seen) over all ranks."""
+    """One epoch; returns (mean train loss, train accuracy %, images seen) over all ranks.
+
+    With fp16's GradScaler on, a step whose loss overflows is one the scaler skips (it lowers the scale and
+    leaves the weights alone), so the mean loss is over the other steps; it is non-finite, and the run counted
+    as diverged, only if every step overflowed. Without a scaler every step counts.
+    """
     model.train()
-    loss_sum, correct, seen = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
+    loss_sum, counted, correct, seen = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(4))
     for x, y in tqdm(loader, leave=False, disable=not show_progress, unit="batch"):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
@@ -155,11 +160,14 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtyp
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
+        loss = loss.detach()  # everything below stays on the device: no sync per step
+        counts = loss.isfinite() if scaler.is_enabled() else torch.ones((), dtype=torch.bool, device=device)
+        loss_sum += torch.where(counts, loss, 0.0) * len(y)
+        counted += counts * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
-    loss_sum, correct, seen = (v.item() for v in distributed.sum_all(loss_sum, correct, seen))
-    return loss_sum / seen, 100 * correct / seen, int(seen)
+    loss_sum, counted, correct, seen = (v.item() for v in distributed.sum_all(loss_sum, counted, correct, seen))
+    return loss_sum / counted if counted else math.nan, 100 * correct / seen, int(seen)
 
 
 def run(cfg) -> Path:
