@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from omegaconf import OmegaConf
 
-from tract_bench.config import channels_last
+from tract_bench.config import default_channels_last
 from tract_bench.models import ViTCifar, resnet_cifar
 from tract_bench.tract import apply_tract
 from tract_bench.train import device_name
@@ -83,8 +82,7 @@ def time_interleaved(models, x, y, amp_dtype, scaled, steps, warmup, device) -> 
 def bench_model(name, args, device) -> list[dict]:
     build, classes, size, cpu_batch, cuda_batch = MODELS[name]
     batch = args.batch or (cuda_batch if device.type == "cuda" else cpu_batch)
-    memory_format = torch.channels_last if channels_last(OmegaConf.create({"channels_last": "auto"}), device) \
-        else torch.contiguous_format
+    memory_format = torch.channels_last if default_channels_last(device) else torch.contiguous_format
     torch.manual_seed(SEED)
     baseline = build()
     tract = copy.deepcopy(baseline)

@@ -53,7 +53,7 @@ from omegaconf import OmegaConf
 
 from reference_loop import (TEST_BATCH, CifarImages, TEST_TRANSFORM, TRAIN_TRANSFORM, reference_evaluate,
                             reference_loader, reference_optimizer, reference_train_steps)
-from tract_bench.config import channels_last
+from tract_bench.config import default_channels_last
 from tract_bench.data import ImageData, balanced_subset, load_cifar
 from tract_bench.errors import UserError
 from tract_bench.loader import DeviceLoader
@@ -78,14 +78,9 @@ DEFAULTS = {"cuda": dict(steps=200, warmup=20, reps=5), "cpu": dict(steps=10, wa
 CPU_MIN_RATIO, GPU_MIN_RATIO, GPU_MAX_EPOCH_S, GPU_MAX_OVERHEAD = 1.2, 3.0, 1.5, 3.0
 
 
-def fast_channels_last(device) -> bool:
-    """channels_last as tract-train's default (channels_last=auto) resolves it on this device."""
-    return channels_last(OmegaConf.create({"channels_last": "auto"}), device)
-
-
 def fast_label(args, device) -> str:
     """The fast loop's settings in words, e.g. 'bf16+channels_last+compile'."""
-    return "+".join([resolve_precision(args.precision, device)] + ["channels_last"] * fast_channels_last(device)
+    return "+".join([resolve_precision(args.precision, device)] + ["channels_last"] * default_channels_last(device)
                     + ["compile"] * args.compile)
 
 
@@ -100,7 +95,7 @@ class FastLoop:
     def __init__(self, model, data, batch, device, total_steps, precision="auto", compile_model=False, seed=SEED):
         self.device = device
         self.amp_dtype = AUTOCAST[resolve_precision(precision, device)]
-        channels_last = fast_channels_last(device)
+        channels_last = default_channels_last(device)
         self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         aug = DATASET.augment
         self.loader = DeviceLoader(data.train_x, data.train_y, batch, DATASET.mean, DATASET.std, device=device,
@@ -134,9 +129,9 @@ class FastLoop:
 class ReferenceLoop:
     """The official script's path (scripts/reference_loop.py); datasets are shared, loaders are its own."""
 
-    def __init__(self, model, train_set, test_set, batch, device, total_steps):
+    def __init__(self, model, train_set, test_set, batch, device, total_steps, seed=SEED):
         self.device, self.model = device, model.to(device)
-        self.loader = reference_loader(train_set, batch, train=True)
+        self.loader = reference_loader(train_set, batch, train=True, seed=seed)
         self.test_loader = reference_loader(test_set, TEST_BATCH, train=False)
         self.optimizer, self.scheduler = reference_optimizer(self.model, total_steps)
 
@@ -175,7 +170,7 @@ def build_loops(args, models, data, device, total_steps, seed=SEED) -> dict:
     test_set = CifarImages(data.test_x, data.test_y, TEST_TRANSFORM)
     loops = {}
     for name in models:
-        torch.manual_seed(seed)  # also seeds the reference loaders' shuffling
+        torch.manual_seed(seed)
         init = MODELS[name]()
         for method, lam in METHODS.items():
             for loop in LOOPS:
@@ -187,7 +182,7 @@ def build_loops(args, models, data, device, total_steps, seed=SEED) -> dict:
                                                          args.precision, args.compile, seed)
                 else:
                     loops[name, method, loop] = ReferenceLoop(model, train_set, test_set, args.batch_size, device,
-                                                              total_steps)
+                                                              total_steps, seed)
     return loops
 
 
@@ -344,12 +339,17 @@ def main(argv=None):
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train N epochs per loop; report test top-1")
     p.add_argument("--accuracy-models", nargs="+", choices=list(MODELS), help="models of the accuracy runs "
                    "(default: --models)")
-    p.add_argument("--accuracy-seeds", type=int, default=1, help="repeat the accuracy runs for seeds 0..S-1")
+    p.add_argument("--accuracy-seeds", type=int, help="repeat the accuracy runs for seeds 0..S-1 (default 1)")
     p.add_argument("--accuracy-train-subset", type=int, help="accuracy runs on a class-balanced subset this size")
     p.add_argument("--out-dir", default="results", help="where bench.csv and bench.md go")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    given = [flag for flag, value in [("--accuracy-seeds", args.accuracy_seeds), ("--accuracy-models",
+             args.accuracy_models), ("--accuracy-train-subset", args.accuracy_train_subset)] if value is not None]
+    if given and not args.accuracy_epochs:
+        p.error(f"{given[0]} applies to the accuracy runs: add --accuracy-epochs N")
     args.accuracy_models = args.accuracy_models or args.models
+    args.accuracy_seeds = 1 if args.accuracy_seeds is None else args.accuracy_seeds
     for key, value in DEFAULTS[device.type].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -361,16 +361,19 @@ def main(argv=None):
     data, real = load_data(args.data)
     if args.accuracy_epochs and not real:
         p.error("--accuracy-epochs needs the real CIFAR-10: pass --data or set TRACT_DATA")
+    if len(data.train_x) < args.batch_size:
+        p.error(f"--batch-size {args.batch_size} exceeds the {len(data.train_x)} training images")
     acc_data = data
-    if args.accuracy_train_subset:  # checked now, not after the throughput runs
+    if args.accuracy_train_subset is not None:  # checked now, not after the throughput runs
         acc_data = copy.copy(data)
         try:
             acc_data.train_x, acc_data.train_y = balanced_subset(data.train_x, data.train_y,
                                                                  args.accuracy_train_subset, data.num_classes)
         except UserError as e:
-            p.error(f"--accuracy-train-subset: {e}")
-    if len(acc_data.train_x) < args.batch_size:
-        p.error(f"--batch-size {args.batch_size} exceeds the {len(acc_data.train_x)} training images")
+            p.error(f"--accuracy-train-subset {args.accuracy_train_subset}: {e}")
+        if args.accuracy_train_subset < args.batch_size:
+            p.error(f"--accuracy-train-subset {args.accuracy_train_subset} is smaller than --batch-size "
+                    f"{args.batch_size}")
     data_label = f"CIFAR-10 ({len(data.train_x)} train images)" if real else "synthetic uint8, CIFAR-10 shape"
     per_rep = args.warmup + (args.epochs * (len(data.train_x) // args.batch_size) if args.epochs else args.steps)
     loops = build_loops(args, args.models, data, device, args.reps * per_rep)

@@ -40,11 +40,15 @@ class CifarImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def reference_loader(dataset: CifarImages, batch_size: int, train: bool) -> torch.utils.data.DataLoader:
-    """The official train loader (shuffle, drop_last, WORKERS processes) or its test loader."""
+def reference_loader(dataset: CifarImages, batch_size: int, train: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+    """The official train loader (shuffle, drop_last, WORKERS processes) or its test loader.
+
+    Its own generator, seeded with `seed`, draws the shuffling and the workers' augmentation seeds, so a loop's
+    data order depends on its seed alone, not on what else used the global RNG before it.
+    """
     if train:
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                           num_workers=WORKERS)
+                                           num_workers=WORKERS, generator=torch.Generator().manual_seed(seed))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=TEST_WORKERS)
 
 

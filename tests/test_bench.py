@@ -116,14 +116,6 @@ def test_accuracy_mode_refuses_synthetic_data(tmp_path):
         bench_train.main(["--accuracy-epochs", "1", "--data", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
 
 
-def test_accuracy_subset_is_checked_before_any_timing(tiny_cifar10_root, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        bench_train.main(["--accuracy-epochs", "1", "--accuracy-train-subset", "5", "--data", str(tiny_cifar10_root),
-                          "--out-dir", str(tmp_path)])
-    assert "--accuracy-train-subset: subset size 5 is smaller than the 10 classes" in capsys.readouterr().err
-    assert not (tmp_path / "bench.csv").exists()
-
-
 def test_accuracy_table_gives_mean_std_and_difference():
     rows = [{"model": "m", "method": "baseline", "loop": loop, "seed": seed, "epochs": 2, "train_images": 100,
              "test_top1": top1} for seed, (f, r) in enumerate([(50.0, 48.0), (52.0, 50.0)])
@@ -201,3 +193,29 @@ def test_bench_tract_imagenet_resnet50(tmp_path):
                       "--out", str(out)])
     (row,) = read_csv(out)
     assert (row["tract_n"], row["image_size"], row["check"]) == ("147", "224", "")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--accuracy-seeds", "3"], "--accuracy-seeds applies to the accuracy runs: add --accuracy-epochs N"),
+    (["--accuracy-epochs", "1", "--accuracy-train-subset", "20", "--batch-size", "32"],
+     "--accuracy-train-subset 20 is smaller than --batch-size 32"),
+    (["--accuracy-epochs", "1", "--accuracy-train-subset", "5"],
+     "--accuracy-train-subset 5: subset size 5 is smaller than the 10 classes"),
+])
+def test_accuracy_options_are_checked_before_any_timing(tiny_cifar10_root, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        bench_train.main([*flags, "--data", str(tiny_cifar10_root), "--out-dir", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench.csv").exists()
+
+
+def test_reference_loop_order_depends_on_its_seed_alone(tiny_cifar10_root):
+    data, _ = bench_train.load_data(tiny_cifar10_root)
+    images = reference_loop.CifarImages(data.train_x, data.train_y, reference_loop.TEST_TRANSFORM)
+
+    def labels(seed):
+        return torch.cat([y for _, y in reference_loop.reference_loader(images, 50, train=True, seed=seed)])
+
+    first = labels(0)
+    torch.rand(3)  # other use of the global RNG in between
+    assert torch.equal(labels(0), first) and not torch.equal(labels(1), first)

@@ -253,17 +253,6 @@ def test_bf16_autocast_resnet18_step():
     assert rel_err(tract_bf, tract_fp) <= 1.5 * rel_err(plain_bf, plain_fp) + 1e-3
 
 
-def test_channels_last_matches_dense_reference():
-    """tract-train runs convolutions in channels_last (NHWC) on CPU and CUDA; the patches, hence the Gram matrix
-    and the preconditioned gradient, must not depend on the memory layout."""
-    conv = nn.Conv2d(3, 16, 3, padding=1).to(memory_format=torch.channels_last)
-    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0)).contiguous(
-        memory_format=torch.channels_last)
-    plain, tract, _, _ = plain_and_tract_grads(conv, x, 0.1)
-    assert tract.weight.is_contiguous(memory_format=torch.channels_last)
-    assert rel_err(tract.weight.grad, reference_grad(plain.weight.grad, dense_patches(conv, x.double()), 0.1)) < 1e-4
-
-
 def test_torch_compile_gives_eager_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))

@@ -133,29 +133,36 @@ def test_resume_refuses_a_different_precision(tiny_cifar10_root, tmp_path, monke
         train.run(cfg)
 
 
-def test_fp16_steps_the_scaler_skips_are_left_out_of_the_mean_loss():
-    """An fp16 batch that overflows is skipped by GradScaler, not a divergence; all batches overflowing is one."""
+def test_fp16_steps_the_scaler_skips_are_left_out_of_the_means():
+    """An fp16 step GradScaler skips is not a divergence; every step skipped is one, and so is an infinite loss
+    on a step that was taken (a -inf logit: finite gradients, weights updated)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    small, huge = torch.randn(8, 4), torch.full((8, 4), 1e6)  # huge: logits beyond fp16's 65504
+    small, huge = torch.randn(8, 4), torch.full((8, 4), 1e6)  # huge is inf once cast to fp16: NaN/inf gradients
     y = torch.zeros(8, dtype=torch.long)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     constant = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
 
-    def epoch(batches, dtype, scaled):
-        scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+    def epoch(batches, dtype=torch.float16, scaled=True):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0, enabled=scaled)
         return train.train_epoch(model, batches, sgd, constant, scaler, torch.nn.CrossEntropyLoss(), dtype,
                                  torch.device("cpu"), False)
 
     before = model.weight.detach().clone()
-    loss, _, seen = epoch([(huge, y)], torch.float16, True)
-    assert torch.equal(model.weight, before) and seen == 8 and not math.isfinite(loss)  # skipped; all overflowed
+    loss, acc, seen, skipped = epoch([(huge, y)])
+    assert torch.equal(model.weight, before) and (seen, skipped) == (8, 1) and math.isnan(loss) and math.isnan(acc)
     with torch.no_grad():
         reference = torch.nn.functional.cross_entropy(model(small), y).item()
-    loss, _, seen = epoch([(huge, y), (small, y)], torch.float16, True)
-    assert seen == 16 and loss == pytest.approx(reference, rel=1e-2)  # the mean of the one step that counted
-    loss, _, _ = epoch([(huge, y), (small, y)], None, False)
-    assert math.isfinite(loss) and loss > 1e4  # fp32: the huge batch is a real (if absurd) loss, and it counts
+    loss, _, seen, skipped = epoch([(huge, y), (small, y)])
+    assert (seen, skipped) == (16, 1) and loss == pytest.approx(reference, rel=1e-2)  # the one step taken
+    loss, _, _, skipped = epoch([(huge, y), (small, y)], None, False)
+    assert skipped == 0 and math.isfinite(loss) and loss > 1e4  # fp32: the huge batch is a real (absurd) loss
+
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-100.0] * 4, [0.01] * 4, [0.02] * 4]))
+        model.bias.zero_()
+    loss, _, _, skipped = epoch([(torch.full((8, 4), 1000.0), y)])  # the target logit is -inf: loss inf
+    assert skipped == 0 and loss == math.inf and not torch.equal(model.weight[0], torch.full((4,), -100.0))
 
 
 def test_device_names_are_checked():

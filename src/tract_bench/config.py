@@ -33,6 +33,11 @@ def channels_last(cfg, device) -> bool:
     return device.type in ("cuda", "cpu") if cfg.channels_last == "auto" else bool(cfg.channels_last)
 
 
+def default_channels_last(device) -> bool:
+    """What `channels_last: auto` (the default) resolves to on `device`."""
+    return channels_last(OmegaConf.create({"channels_last": "auto"}), device)
+
+
 def validate(cfg):
     """Refuse bad values before anything is built or written; each message names the value and the fix."""
     try:

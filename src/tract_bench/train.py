@@ -143,31 +143,37 @@ def evaluate(model, loader, amp_dtype, device):
 
 
 def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtype, device, show_progress):
-    """One epoch; returns (mean train loss, train accuracy %, images seen) over all ranks.
+    """One epoch; returns (mean train loss, train accuracy %, images seen, steps skipped) over all ranks.
 
-    With fp16's GradScaler on, a step whose loss overflows is one the scaler skips (it lowers the scale and
-    leaves the weights alone), so the mean loss is over the other steps; it is non-finite, and the run counted
-    as diverged, only if every step overflowed. Without a scaler every step counts.
+    With fp16's GradScaler on, a step whose gradients overflowed is skipped (the scaler lowers its scale and
+    leaves the weights alone): loss and accuracy are means over the steps that were taken, and the skipped ones
+    are counted. If every step was skipped the loss is NaN and the run counts as diverged.
     """
     model.train()
-    loss_sum, counted, correct, seen = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(4))
+    loss_sum, taken, correct, seen, skipped = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(5))
     for x, y in tqdm(loader, leave=False, disable=not show_progress, unit="batch"):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
             loss = criterion(out.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        # GradScaler lowers its scale exactly when it skips a step; reading its scale tensor (it has no public,
+        # sync-free "skipped" flag) keeps everything below on the device: no host sync per step.
+        scale = scaler._scale.clone() if scaler.is_enabled() else None
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        loss = loss.detach()  # everything below stays on the device: no sync per step
-        counts = loss.isfinite() if scaler.is_enabled() else torch.ones((), dtype=torch.bool, device=device)
-        loss_sum += torch.where(counts, loss, 0.0) * len(y)
-        counted += counts * len(y)
-        correct += (out.argmax(1) == y).sum()
+        took = scaler._scale >= scale if scale is not None else torch.ones((), dtype=torch.bool, device=device)
+        loss_sum += torch.where(took, loss.detach(), 0.0) * len(y)
+        taken += took * len(y)
+        correct += ((out.argmax(1) == y) & took).sum()
         seen += len(y)
-    loss_sum, counted, correct, seen = (v.item() for v in distributed.sum_all(loss_sum, counted, correct, seen))
-    return loss_sum / counted if counted else math.nan, 100 * correct / seen, int(seen)
+        skipped += ~took
+    loss_sum, taken, correct, seen, skipped = (
+        v.item() for v in distributed.sum_all(loss_sum, taken, correct, seen, skipped))
+    if not taken:
+        return math.nan, math.nan, int(seen), int(skipped)
+    return loss_sum / taken, 100 * correct / taken, int(seen), int(skipped)
 
 
 def run(cfg) -> Path:
@@ -245,8 +251,8 @@ def run(cfg) -> Path:
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, seen = train_epoch(forward, train_loader, optimizer, scheduler, scaler, criterion,
-                                                  amp_dtype, device, show_progress)
+        train_loss, train_acc, seen, skipped = train_epoch(forward, train_loader, optimizer, scheduler, scaler,
+                                                           criterion, amp_dtype, device, show_progress)
         train_seconds = time.perf_counter() - t0
         test_loss, top1, top5 = evaluate(forward, test_loader, amp_dtype, device)
         seconds = time.perf_counter() - t0
@@ -264,7 +270,7 @@ def run(cfg) -> Path:
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
             line = (f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2f}%  "
                     f"test loss {test_loss:.4f} top1 {top1:.2f}% top5 {top5:.2f}%  {seconds:.1f}s "
-                    f"({seen / train_seconds:.0f} img/s)")
+                    f"({seen / train_seconds:.0f} img/s)" + (f"  {skipped} fp16 steps skipped" if skipped else ""))
             print(line, flush=True)
             logfile.write(line + "\n")
             logfile.flush()
