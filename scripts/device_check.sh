@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared script for a session that is lent a GPU machine (its time is short: run this,
+# not a sequence of hand-typed commands). From the repository root on that machine:
+#
+#   bash scripts/device_check.sh CIFAR_DIR OUT_DIR
+#
+# CIFAR_DIR holds CIFAR-10 (cifar-10-batches-py/ or its .tar.gz/.tar.xz); OUT_DIR receives gpu.csv, log.txt,
+# bench.csv, bench.md, bench_accuracy.csv and bench_tract.csv. Steps, each logged and timed:
+#   1. the GPU's name, driver and memory (every figure must name its GPU)
+#   2. pytest -m cuda: TrAct under CUDA bf16/fp16 autocast in channels_last against the dense reference, and
+#      one tract-train epoch per precision on CUDA
+#   3. scripts/bench_train.py: throughput targets (>= 3x the reference loop, <= 1.5 s per CIFAR-10 epoch,
+#      TrAct overhead <= 3 %) and fast-vs-reference accuracy (ACCURACY="flags": default 4 epochs x 2 seeds
+#      of ResNet-18; ACCURACY="" skips it)
+#   4. scripts/bench_tract.py: TrAct's per-step cost in bf16 and fp16 for the CIFAR models and ImageNet ResNet-50
+# Python packages the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) must be importable, e.g.
+# installed from carried wheels into a folder on PYTHONPATH. Extra flags: BENCH_ARGS="..." (step 3),
+# TRACT_ARGS="..." (step 4).
+set -uo pipefail
+if [ $# -ne 2 ]; then
+    echo "usage: bash scripts/device_check.sh CIFAR_DIR OUT_DIR" >&2
+    exit 2
+fi
+data=$1
+out=$2
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRACT_DATA="$data"
+ACCURACY=${ACCURACY---accuracy-epochs 4 --accuracy-seeds 2 --accuracy-models resnet18_cifar}
+status=0
+
+step() {  # step NAME COMMAND...: run, log to OUT_DIR/log.txt, remember a failure, go on with the next step
+    local name=$1 t0=$SECONDS rc
+    shift
+    echo "== $name: $*" | tee -a "$out/log.txt"
+    "$@" 2>&1 | tee -a "$out/log.txt"
+    rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/log.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+step gpu nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv" 2>/dev/null
+step cuda-tests python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_precisions.py
+# shellcheck disable=SC2086  # ACCURACY and BENCH_ARGS are lists of flags
+step bench python3 scripts/bench_train.py --out-dir "$out" $ACCURACY ${BENCH_ARGS:-}
+step bench-tract python3 scripts/bench_tract.py --out "$out/bench_tract.csv" ${TRACT_ARGS:-}
+exit $status
