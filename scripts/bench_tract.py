@@ -92,6 +92,7 @@ def bench_model(name, args, device) -> list[dict]:
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=memory_format)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    layout = "+channels_last" if memory_format == torch.channels_last else ""
     rows = []
     for label, amp_dtype, scaled in PRECISIONS[device.type]:
         base_t, tract_t = time_interleaved(models, x, y, amp_dtype, scaled, args.steps, args.warmup, device)
@@ -100,7 +101,7 @@ def bench_model(name, args, device) -> list[dict]:
         overhead = 100 * (tr / base - 1)
         target = TARGETS.get(name)
         rows.append({"device": device_name(device), "torch": torch.__version__, "model": name, "batch": batch,
-                     "image_size": size, "precision": label, "steps": args.steps,
+                     "image_size": size, "precision": label + layout, "steps": args.steps,
                      "ms_step_baseline": round(1000 * base, 3), "ms_step_tract": round(1000 * tr, 3),
                      "overhead_pct": round(overhead, 2), "noise_pct": round(100 * (q3 - q1) / base, 2),
                      "tract_layer": layer, "tract_n": n, "target_pct": target if target is not None else "",

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_tract  # noqa: E402
 import bench_train  # noqa: E402
 import reference_loop  # noqa: E402
+import swap_pipelines  # noqa: E402
 from tract_bench.models import resnet_cifar  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -94,6 +95,7 @@ def test_bench_train_end_to_end(tiny_cifar10_root, tmp_path):
     assert "| resnet18_cifar | tract | fast |" in md
     verdicts = [line for line in md.splitlines() if line.startswith(("- PASS", "- MISS"))]
     assert len(checks) == len(verdicts) == 2  # CPU: one ratio target per method
+    assert all("(fast loop: fp32+channels_last)" in line for line in verdicts)  # the settings the target saw
     assert not (tmp_path / "bench_accuracy.csv").exists()
 
 
@@ -179,7 +181,7 @@ def test_bench_tract_end_to_end(tmp_path):
                       "--out", str(out)])
     rows = read_csv(out)
     assert [(r["model"], r["tract_layer"], r["tract_n"], r["precision"]) for r in rows] == [
-        ("resnet18_cifar", "conv1", "27", "fp32"), ("vit_cifar", "emb", "48", "fp32")]
+        ("resnet18_cifar", "conv1", "27", "fp32+channels_last"), ("vit_cifar", "emb", "48", "fp32+channels_last")]
     for r in rows:
         assert float(r["ms_step_baseline"]) > 0 and float(r["ms_step_tract"]) > 0
         assert r["check"] in ("PASS", "MISS")
@@ -219,3 +221,10 @@ def test_reference_loop_order_depends_on_its_seed_alone(tiny_cifar10_root):
     first = labels(0)
     torch.rand(3)  # other use of the global RNG in between
     assert torch.equal(labels(0), first) and not torch.equal(labels(1), first)
+
+
+@pytest.mark.parametrize("mode", ["ref_on_fast_data", "fast_on_ref_data"])
+def test_swap_pipelines_runs_each_way(tiny_cifar10_root, mode):
+    top1 = swap_pipelines.main([mode, "--seeds", "0", "1", "--epochs", "1", "--batch-size", "32",
+                                "--train-subset", "100", "--data", str(tiny_cifar10_root)])
+    assert len(top1) == 2 and all(0 <= t <= 100 for t in top1)

@@ -216,7 +216,8 @@ def run(cfg) -> Path:
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     forward = model
     if world_size > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         forward = torch.compile(forward)
 
