@@ -22,11 +22,11 @@ Targets (checked below and printed PASS/MISS, never asserted):
   GPU (H200)     fast >= 3x the reference loop on ResNet-18; one ResNet-18 CIFAR-10 epoch (390 steps of 128)
                  <= 1.5 s; TrAct overhead in the fast loop <= 3 %
 --accuracy-epochs N also trains every (model, method, loop) for N real epochs and reports its final test top-1,
-so the report shows whether the fast path costs accuracy: --accuracy-seeds S repeats that for seeds 0..S-1 (seed k:
-one initialisation shared by the loops of a model, data order and augmentation from k; --accuracy-models picks
-the models, default --models) and the report gives
-mean +- std over seeds, the yardstick for "within seed noise"; --accuracy-train-subset N trains on a
-class-balanced N-image subset (for a CPU; the test set is always the whole 10,000).
+so the report shows whether the fast path costs accuracy. --accuracy-seeds S repeats that for seeds 0..S-1
+(seed k: one initialisation shared by the loops of a model, data order and augmentation from k) and the report
+gives mean +- std over seeds, the yardstick for "within seed noise". --accuracy-models picks the models
+(default --models); --accuracy-train-subset N trains on a class-balanced N-image subset (for a CPU; the test set
+is always the whole 10,000).
 
 Data: CIFAR-10 from --data, else $TRACT_DATA, else ./data (never downloaded); without it, synthetic uint8 data
 of CIFAR-10's shape (fine for throughput, refused for --accuracy-epochs).
@@ -262,8 +262,8 @@ def accuracy(args, data, device) -> list[dict]:
     total = args.accuracy_epochs * (len(data.train_x) // args.batch_size)
     rows = []
     for seed in range(args.accuracy_seeds):
-        for (name, method, loop_name), loop in build_loops(args, args.accuracy_models, data, device, total,
-                                                                   seed).items():
+        loops = build_loops(args, args.accuracy_models, data, device, total, seed)
+        for (name, method, loop_name), loop in loops.items():
             t0 = time.perf_counter()
             for _ in range(args.accuracy_epochs):
                 epoch = loop.batches()
