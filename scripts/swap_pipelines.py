@@ -5,20 +5,18 @@ pipeline (DeviceLoader vs PIL transforms in DataLoader workers) or the training 
 LambdaLR vs a contiguous model and CosineAnnealingLR). This trains, from the same initialisation per seed as
 bench_train.py's --accuracy-seeds, either the reference loop on the fast loop's batches (same order and
 augmentation as the fast loop's run with that seed) or the fast loop on the reference loop's batches, and
-prints the final test top-1 of each seed.
+prints the final test top-1 of each seed (baseline ResNet-18).
 
   python scripts/swap_pipelines.py ref_on_fast_data --seeds 0 1 2 [--epochs 4] [--train-subset 10000]
 """
 
 import argparse
-import copy
 import os
 from itertools import islice
 
 import torch
 
-from bench_train import MODELS, FastLoop, ReferenceLoop, load_data
-from reference_loop import TEST_TRANSFORM, TRAIN_TRANSFORM, CifarImages
+from bench_train import build_loops, load_data
 from tract_bench.data import balanced_subset
 
 
@@ -39,14 +37,12 @@ def main(argv=None):
         data.train_x, data.train_y = balanced_subset(data.train_x, data.train_y, args.train_subset,
                                                      data.num_classes)
     steps = len(data.train_x) // args.batch_size
+    args.precision, args.compile = "auto", False  # the fast loop as bench_train builds it by default
     results = []
     for seed in args.seeds:
-        torch.manual_seed(seed)
-        init = MODELS["resnet18_cifar"]()
-        fast = FastLoop(copy.deepcopy(init), data, args.batch_size, device, args.epochs * steps, seed=seed)
-        ref = ReferenceLoop(copy.deepcopy(init), CifarImages(data.train_x, data.train_y, TRAIN_TRANSFORM),
-                            CifarImages(data.test_x, data.test_y, TEST_TRANSFORM), args.batch_size, device,
-                            args.epochs * steps, seed=seed)
+        # bench_train's own loops for this seed (same initialisation and data streams); the baseline pair
+        loops = build_loops(args, ["resnet18_cifar"], data, device, args.epochs * steps, seed)
+        fast, ref = loops["resnet18_cifar", "baseline", "fast"], loops["resnet18_cifar", "baseline", "reference"]
         trainer, source = (ref, fast) if args.mode == "ref_on_fast_data" else (fast, ref)
         for _ in range(args.epochs):
             epoch = source.batches()

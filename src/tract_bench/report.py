@@ -1,8 +1,8 @@
 """tract-report: turn run folders into tables, speed-ups and plots.
 
-Run folders are read by tract_bench.rundir.find_runs. Only finished runs (summary.json) are averaged; the rest
-are listed as incomplete. Everything written is sorted and formatted with fixed
-precision, with no timestamps, so a results folder diffs cleanly in git.
+Run folders are read by tract_bench.rundir.find_runs. Only finished runs (summary.json) are averaged; the
+rest are listed as incomplete. Everything written is sorted and formatted with fixed precision, with no
+timestamps, so a results folder diffs cleanly in git.
 """
 
 import argparse

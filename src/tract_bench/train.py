@@ -151,6 +151,7 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtyp
     """
     model.train()
     loss_sum, taken, correct, seen, skipped = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(5))
+    every_step = torch.ones((), dtype=torch.bool, device=device)  # without a scaler no step is skipped
     for x, y in tqdm(loader, leave=False, disable=not show_progress, unit="batch"):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
@@ -163,7 +164,7 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtyp
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        took = scaler._scale >= scale if scale is not None else torch.ones((), dtype=torch.bool, device=device)
+        took = scaler._scale >= scale if scale is not None else every_step
         loss_sum += torch.where(took, loss.detach(), 0.0) * len(y)
         taken += took * len(y)
         correct += ((out.argmax(1) == y) & took).sum()
