@@ -5,8 +5,8 @@ images/second over full training steps (data, forward, backward, optimizer, sche
 
   fast       tract-train's loop: the uint8 set held on the device, DeviceLoader's batched crop + flip +
              normalisation, tract_bench.train.train_epoch (no per-step host sync), with tract-train's
-             defaults: channels_last on CUDA and CPU, bf16 autocast on CUDA and fp32 on CPU (--precision
-             picks another, as precision= does). Optimizer and schedule from conf/optim/sgd_cosine.yaml.
+             defaults: channels_last on CUDA and CPU; bf16 autocast on CUDA and on CPUs with native bf16
+             (AVX512-BF16 or AMX), else fp32 (--precision picks another, as precision= does). Optimizer and schedule from conf/optim/sgd_cosine.yaml.
   reference  scripts/reference_loop.py: PIL images through torchvision transforms in DataLoader workers,
              fp32, SGD momentum 0.9 lr 0.08, CosineAnnealingLR stepped per iteration, loss.item() per step.
 
@@ -53,14 +53,14 @@ from omegaconf import OmegaConf
 
 from reference_loop import (TEST_BATCH, CifarImages, TEST_TRANSFORM, TRAIN_TRANSFORM, reference_evaluate,
                             reference_loader, reference_optimizer, reference_train_steps)
-from tract_bench.config import default_channels_last
+from tract_bench.config import default_channels_last, resolve_precision
 from tract_bench.data import ImageData, balanced_subset, load_cifar
 from tract_bench.errors import UserError
 from tract_bench.loader import DeviceLoader
 from tract_bench.models import ViTCifar, resnet_cifar
 from tract_bench.optim import build_optimizer, build_scheduler
 from tract_bench.tract import apply_tract
-from tract_bench.train import AUTOCAST, device_name, evaluate, resolve_precision, train_epoch
+from tract_bench.train import AUTOCAST, device_name, evaluate, train_epoch
 
 # ---- settings ----
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -335,7 +335,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=BATCH, help="the paper's 128; smaller only for quick checks")
     p.add_argument("--data", default=os.environ.get("TRACT_DATA", "data"), help="folder holding CIFAR-10")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="the fast loop's precision, as tract-train's precision= (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="the fast loop's precision, as tract-train's precision= (auto: bf16 where the device has native "
+                   "bf16, else fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast loop's model, as compile=true")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train N epochs per loop; report test top-1")
     p.add_argument("--accuracy-models", nargs="+", choices=list(MODELS), help="models of the accuracy runs "

@@ -13,6 +13,7 @@ import bench_tract  # noqa: E402
 import bench_train  # noqa: E402
 import reference_loop  # noqa: E402
 import swap_pipelines  # noqa: E402
+from tract_bench.config import resolve_precision  # noqa: E402
 from tract_bench.models import resnet_cifar  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -24,7 +25,8 @@ def read_csv(path):
 
 
 def test_fast_and_reference_loops_agree_without_augmentation(tiny_cifar10_root):
-    """Same images in the same order, same normalisation, same init: same batches and the same loss each step."""
+    """Same images in the same order, same normalisation, same init, both in fp32: same batches and the same loss
+    each step."""
     data, real = bench_train.load_data(tiny_cifar10_root)
     assert real
     torch.manual_seed(0)
@@ -32,7 +34,7 @@ def test_fast_and_reference_loops_agree_without_augmentation(tiny_cifar10_root):
     test_set = reference_loop.CifarImages(data.test_x, data.test_y, reference_loop.TEST_TRANSFORM)
 
     def loops():
-        return (bench_train.FastLoop(copy.deepcopy(init), data, 16, CPU, total_steps=3),
+        return (bench_train.FastLoop(copy.deepcopy(init), data, 16, CPU, total_steps=3, precision="fp32"),
                 bench_train.ReferenceLoop(copy.deepcopy(init), test_set, test_set, 16, CPU, total_steps=3))
 
     fast, ref = loops()
@@ -85,7 +87,8 @@ def test_bench_train_end_to_end(tiny_cifar10_root, tmp_path):
     assert len(written) == 4 and list(written[0]) == list(rows[0])
     assert {(r["method"], r["loop"]) for r in written} == {(m, loop) for m in ("baseline", "tract")
                                                            for loop in ("fast", "reference")}
-    assert {r["precision"] for r in written} == {"fp32+channels_last", "fp32"}  # tract-train's CPU defaults; reference
+    default = f"{resolve_precision('auto', CPU)}+channels_last"  # tract-train's CPU defaults
+    assert {r["precision"] for r in written} == {default, "fp32"}  # fast; reference
     for r in written:
         assert float(r["images_per_s"]) > 0 and float(r["epoch_s"]) > 0
         assert (r["tract_overhead_pct"] != "") == (r["method"] == "tract")
@@ -95,7 +98,7 @@ def test_bench_train_end_to_end(tiny_cifar10_root, tmp_path):
     assert "| resnet18_cifar | tract | fast |" in md
     verdicts = [line for line in md.splitlines() if line.startswith(("- PASS", "- MISS"))]
     assert len(checks) == len(verdicts) == 2  # CPU: one ratio target per method
-    assert all("(fast loop: fp32+channels_last)" in line for line in verdicts)  # the settings the target saw
+    assert all(f"(fast loop: {default})" in line for line in verdicts)  # the settings the target saw
     assert not (tmp_path / "bench_accuracy.csv").exists()
 
 
@@ -180,8 +183,9 @@ def test_bench_tract_end_to_end(tmp_path):
     bench_tract.main(["--steps", "2", "--warmup", "1", "--batch", "4", "--models", "resnet18_cifar", "vit_cifar",
                       "--out", str(out)])
     rows = read_csv(out)
+    label = f"{resolve_precision('auto', CPU)}+channels_last"  # tract-train's CPU defaults
     assert [(r["model"], r["tract_layer"], r["tract_n"], r["precision"]) for r in rows] == [
-        ("resnet18_cifar", "conv1", "27", "fp32+channels_last"), ("vit_cifar", "emb", "48", "fp32+channels_last")]
+        ("resnet18_cifar", "conv1", "27", label), ("vit_cifar", "emb", "48", label)]
     for r in rows:
         assert float(r["ms_step_baseline"]) > 0 and float(r["ms_step_tract"]) > 0
         assert r["check"] in ("PASS", "MISS")

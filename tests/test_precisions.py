@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from test_train import tiny_run
 from test_tract import dense_patches, reference_grad, rel_err
 from tract_bench import train
+from tract_bench.config import resolve_precision
 from tract_bench.tract import TrAct
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -65,3 +66,15 @@ def test_auto_means_bf16_and_channels_last_on_cuda(tiny_cifar10_root, tmp_path):
     folder = train.run(tiny_run(tiny_cifar10_root, tmp_path, "tract.lam=0.1"))
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["device"] == torch.cuda.get_device_name(0)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16"), (False, True, "bf16"),
+                                                        (False, False, "fp32")])
+def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    """A CPU without native bf16 would emulate it, slower than fp32: `auto` picks fp32 there."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]  # as asked
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"

@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from tqdm import tqdm
 
 from tract_bench import distributed, rundir
-from tract_bench.config import channels_last, validate
+from tract_bench.config import channels_last, resolve_precision, validate
 from tract_bench.data import balanced_subset, load_cifar
 from tract_bench.errors import UserError
 from tract_bench.loader import DeviceLoader
@@ -61,11 +61,6 @@ def sweep_gpu() -> int:
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on CUDA, plain fp32 on CPU."""
-    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
 
 
 def seed_everything(seed: int, deterministic: bool):
@@ -248,7 +243,8 @@ def run(cfg) -> Path:
     show_progress = main and (sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress))
     logfile = open(folder / "log.txt", "a") if main else None
     if main:
-        print(f"run folder: {folder}  ({device_name(device)} x{world_size}, TrAct: {tract or 'off'})", flush=True)
+        print(f"run folder: {folder}  ({device_name(device)} x{world_size}, {precision}, TrAct: {tract or 'off'})",
+              flush=True)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
