@@ -5,8 +5,9 @@ images/second over full training steps (data, forward, backward, optimizer, sche
 
   fast       tract-train's loop: the uint8 set held on the device, DeviceLoader's batched crop + flip +
              normalisation, tract_bench.train.train_epoch (no per-step host sync), with tract-train's
-             defaults: channels_last on CUDA and CPU; bf16 autocast on CUDA and on CPUs with native bf16
-             (AVX512-BF16 or AMX), else fp32 (--precision picks another, as precision= does). Optimizer and schedule from conf/optim/sgd_cosine.yaml.
+             defaults: channels_last on CUDA and CPU; bf16 autocast where the device has native bf16 (Ampere+
+             GPUs, CPUs with AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU (--precision picks
+             another, as precision= does). Optimizer and schedule from conf/optim/sgd_cosine.yaml.
   reference  scripts/reference_loop.py: PIL images through torchvision transforms in DataLoader workers,
              fp32, SGD momentum 0.9 lr 0.08, CosineAnnealingLR stepped per iteration, loss.item() per step.
 

@@ -70,11 +70,17 @@ def test_auto_means_bf16_and_channels_last_on_cuda(tiny_cifar10_root, tmp_path):
 
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16"), (False, True, "bf16"),
                                                         (False, False, "fp32")])
-def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatch, avx512_bf16, amx, expected):
+def test_auto_precision_on_a_cpu_is_bf16_where_it_is_native(monkeypatch, avx512_bf16, amx, expected):
     """A CPU without native bf16 would emulate it, slower than fp32: `auto` picks fp32 there."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == expected
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]  # as asked
-    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp16")])
+def test_auto_precision_on_cuda_is_bf16_from_ampere_on_and_fp16_before(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == expected

@@ -39,19 +39,22 @@ def channels_last(cfg, device) -> bool:
 
 
 def native_bf16(device) -> bool:
-    """Whether `device` computes bf16 natively: CUDA, and CPUs with AVX512-BF16 or AMX. Other CPUs would emulate it,
-    slower than fp32."""
+    """Whether `device` computes bf16 natively: CUDA GPUs from Ampere (compute capability 8) on, ROCm GPUs, and CPUs
+    with AVX512-BF16 or AMX. Elsewhere bf16 is emulated, slower than fp32."""
     if device.type == "cuda":
-        return True
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def resolve_precision(precision: str, device) -> str:
     """What `precision: auto` means: bf16 autocast where the device computes bf16 natively (ResNet-18 CIFAR training
-    on a 2-core EPYC with AVX512-BF16: 1.7x the fp32 reference loop, results/bench.md), else fp32."""
+    on a 2-core EPYC with AVX512-BF16: 1.7x the fp32 reference loop, results/bench.md); on older CUDA GPUs fp16
+    autocast with a GradScaler (their tensor cores take fp16); on other CPUs fp32."""
     if precision != "auto":
         return precision
-    return "bf16" if native_bf16(device) else "fp32"
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
 
 
 def validate(cfg):
