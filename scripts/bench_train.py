@@ -5,9 +5,8 @@ images/second over full training steps (data, forward, backward, optimizer, sche
 
   fast       tract-train's loop: the uint8 set held on the device, DeviceLoader's batched crop + flip +
              normalisation, tract_bench.train.train_epoch (no per-step host sync), with tract-train's
-             defaults: channels_last on CUDA and CPU; bf16 autocast where the device has native bf16 (Ampere+
-             GPUs, CPUs with AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU (--precision picks
-             another, as precision= does). Optimizer and schedule from conf/optim/sgd_cosine.yaml.
+             defaults: channels_last on CUDA and CPU; bf16 autocast on Ampere or newer GPUs (fp16 on older
+             ones), fp32 on CPU (--precision picks another, as precision= does). Optimizer and schedule from conf/optim/sgd_cosine.yaml.
   reference  scripts/reference_loop.py: PIL images through torchvision transforms in DataLoader workers,
              fp32, SGD momentum 0.9 lr 0.08, CosineAnnealingLR stepped per iteration, loss.item() per step.
 
@@ -336,8 +335,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=BATCH, help="the paper's 128; smaller only for quick checks")
     p.add_argument("--data", default=os.environ.get("TRACT_DATA", "data"), help="folder holding CIFAR-10")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="the fast loop's precision, as tract-train's precision= (auto: bf16 where the device has native "
-                   "bf16, else fp32)")
+                   help="the fast loop's precision, as tract-train's precision= (auto: bf16 on CUDA from Ampere "
+                   "on, fp16 on older GPUs, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast loop's model, as compile=true")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train N epochs per loop; report test top-1")
     p.add_argument("--accuracy-models", nargs="+", choices=list(MODELS), help="models of the accuracy runs "

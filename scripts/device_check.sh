@@ -12,7 +12,9 @@
 #   3. scripts/bench_train.py: throughput targets (>= 3x the reference loop, <= 1.5 s per CIFAR-10 epoch,
 #      TrAct overhead <= 3 %) and fast-vs-reference accuracy (ACCURACY="flags": default 4 epochs x 2 seeds
 #      of ResNet-18; ACCURACY="" skips it)
-#   4. scripts/bench_tract.py: TrAct's per-step cost in bf16 and fp16 for the CIFAR models and ImageNet ResNet-50
+#   4. the same for ResNet-18 with the fast loop in fp32 (OUT_DIR/fp32/): whether bf16 autocast, the CUDA
+#      default, costs accuracy against fp32 (on a 2-core CPU it trailed fp32 in most paired runs; results/README.md)
+#   5. scripts/bench_tract.py: TrAct's per-step cost in bf16 and fp16 for the CIFAR models and ImageNet ResNet-50
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) must be importable, e.g.
 # installed from carried wheels into a folder on PYTHONPATH. Extra flags: BENCH_ARGS="..." (step 3),
 # TRACT_ARGS="..." (step 4).
@@ -43,5 +45,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu
 step cuda-tests python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_precisions.py
 # shellcheck disable=SC2086  # ACCURACY and BENCH_ARGS are lists of flags
 step bench python3 scripts/bench_train.py --out-dir "$out" $ACCURACY ${BENCH_ARGS:-}
+# shellcheck disable=SC2086
+step bench-fp32 python3 scripts/bench_train.py --models resnet18_cifar --precision fp32 --out-dir "$out/fp32" \
+    $ACCURACY ${BENCH_ARGS:-}
 step bench-tract python3 scripts/bench_tract.py --out "$out/bench_tract.csv" ${TRACT_ARGS:-}
 exit $status

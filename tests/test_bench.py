@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_tract  # noqa: E402
 import bench_train  # noqa: E402
+import grad_precision  # noqa: E402
 import reference_loop  # noqa: E402
 import swap_pipelines  # noqa: E402
 from tract_bench.config import resolve_precision  # noqa: E402
@@ -232,3 +233,12 @@ def test_swap_pipelines_runs_each_way(tiny_cifar10_root, mode):
     top1 = swap_pipelines.main([mode, "--seeds", "0", "1", "--epochs", "1", "--batch-size", "32",
                                 "--train-subset", "100", "--data", str(tiny_cifar10_root)])
     assert len(top1) == 2 and all(0 <= t <= 100 for t in top1)
+
+
+def test_grad_precision_orders_the_formats(capsys):
+    """Rounding error grows from another fp32 summation order to fp16 to bf16 (fewer mantissa bits each)."""
+    errors = grad_precision.main(["--batch", "8"])
+    assert set(errors) == {"fp32 NCHW", "bf16", "fp16"} and "conv1.weight" in errors["bf16"]
+    median = {label: sorted(e.values())[len(e) // 2] for label, e in errors.items()}
+    assert median["fp32 NCHW"] < median["fp16"] < median["bf16"]
+    assert "stem conv" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import real_cifar_root
-from tract_bench import config, train
+from tract_bench import train
 from tract_bench.config import config_dir, register_resolvers
 from tract_bench.errors import UserError
 from tract_bench.optim import lr_factor
@@ -125,12 +125,10 @@ def test_interrupted_run_resumes_to_identical_metrics(tiny_cifar10_root, tmp_pat
 
 
 def test_resume_refuses_a_different_precision(tiny_cifar10_root, tmp_path, monkeypatch):
-    """precision=auto resolves per machine: a run started in fp32 (a CPU without native bf16) must not silently
-    continue in bf16 (one with it)."""
+    """precision=auto resolves per machine: a run started in fp32 must not silently continue in bf16."""
     cfg = tiny_run(tiny_cifar10_root, tmp_path, *TINY_VIT, "epochs=2")
-    monkeypatch.setattr(config, "native_bf16", lambda device: False)
     run_interrupted(cfg, 2, monkeypatch)
-    monkeypatch.setattr(config, "native_bf16", lambda device: True)
+    monkeypatch.setattr(train, "resolve_precision", lambda precision, device: "bf16")
     with pytest.raises(UserError, match="trained in fp32 so far.*resume with precision=fp32"):
         train.run(cfg)
 
