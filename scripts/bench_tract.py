@@ -8,8 +8,7 @@ machine hit both alike; the report is the median step time of each after --warmu
 
 Models: the paper's CIFAR ResNet-18 (3x3 stem, n=27, batch 128, 32^2), the CIFAR ViT (patch 4, n=48, batch
 128) and an ImageNet ResNet-50 (7x7 stem, n=147, 224^2; batch 32 on CPU, 256 on CUDA), channels_last as
-tract-train's default. On CUDA: bf16 autocast, then fp16 autocast with a GradScaler; on CPU: tract-train's
-default precision (fp32).
+tract-train's default. On CUDA: bf16 autocast, then fp16 autocast with a GradScaler; on CPU: fp32.
 
 Targets (printed PASS/MISS, never asserted): TrAct overhead <= 3 % on the CIFAR ResNet-18 and <= 2 % on the
 CIFAR ViT. (The paper reports +9.7 % for its CIFAR ViT and 0.08-0.25 % for ImageNet ViTs, paper section 4.6.)
@@ -29,10 +28,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from tract_bench.config import default_channels_last, resolve_precision
+from tract_bench.config import default_channels_last
 from tract_bench.models import ViTCifar, resnet_cifar
 from tract_bench.tract import apply_tract
-from tract_bench.train import AUTOCAST, device_name
+from tract_bench.train import device_name
 
 # ---- settings ----
 LAM = 0.1
@@ -44,14 +43,10 @@ MODELS = {  # name: (builder, classes, image size, batch on CPU, batch on CUDA)
     "resnet50_imagenet": (lambda: torchvision.models.resnet50(), 1000, 224, 32, 256),
 }
 TARGETS = {"resnet18_cifar": 3.0, "vit_cifar": 2.0}  # max overhead, percent
-
-
-def precisions(device) -> list[tuple]:
-    """[(label, autocast dtype, GradScaler)] to time on this device."""
-    if device.type == "cuda":
-        return [("bf16", torch.bfloat16, False), ("fp16+GradScaler", torch.float16, True)]
-    label = resolve_precision("auto", device)
-    return [(label, AUTOCAST[label], False)]
+PRECISIONS = {  # device type: [(label, autocast dtype, GradScaler)]
+    "cuda": [("bf16", torch.bfloat16, False), ("fp16+GradScaler", torch.float16, True)],
+    "cpu": [("fp32", None, False)],
+}
 
 
 def sync(device):
@@ -99,7 +94,7 @@ def bench_model(name, args, device) -> list[dict]:
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
     layout = "+channels_last" if memory_format == torch.channels_last else ""
     rows = []
-    for label, amp_dtype, scaled in precisions(device):
+    for label, amp_dtype, scaled in PRECISIONS[device.type]:
         base_t, tract_t = time_interleaved(models, x, y, amp_dtype, scaled, args.steps, args.warmup, device)
         base, tr = statistics.median(base_t), statistics.median(tract_t)
         q1, _, q3 = statistics.quantiles(base_t, n=4) if len(base_t) > 1 else (base, base, base)

@@ -14,7 +14,6 @@ import bench_train  # noqa: E402
 import grad_precision  # noqa: E402
 import reference_loop  # noqa: E402
 import swap_pipelines  # noqa: E402
-from tract_bench.config import resolve_precision  # noqa: E402
 from tract_bench.models import resnet_cifar  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -88,8 +87,7 @@ def test_bench_train_end_to_end(tiny_cifar10_root, tmp_path):
     assert len(written) == 4 and list(written[0]) == list(rows[0])
     assert {(r["method"], r["loop"]) for r in written} == {(m, loop) for m in ("baseline", "tract")
                                                            for loop in ("fast", "reference")}
-    default = f"{resolve_precision('auto', CPU)}+channels_last"  # tract-train's CPU defaults
-    assert {r["precision"] for r in written} == {default, "fp32"}  # fast; reference
+    assert {r["precision"] for r in written} == {"fp32+channels_last", "fp32"}  # tract-train's CPU defaults; reference
     for r in written:
         assert float(r["images_per_s"]) > 0 and float(r["epoch_s"]) > 0
         assert (r["tract_overhead_pct"] != "") == (r["method"] == "tract")
@@ -99,7 +97,7 @@ def test_bench_train_end_to_end(tiny_cifar10_root, tmp_path):
     assert "| resnet18_cifar | tract | fast |" in md
     verdicts = [line for line in md.splitlines() if line.startswith(("- PASS", "- MISS"))]
     assert len(checks) == len(verdicts) == 2  # CPU: one ratio target per method
-    assert all(f"(fast loop: {default})" in line for line in verdicts)  # the settings the target saw
+    assert all("(fast loop: fp32+channels_last)" in line for line in verdicts)  # the settings the target saw
     assert not (tmp_path / "bench_accuracy.csv").exists()
 
 
@@ -184,9 +182,8 @@ def test_bench_tract_end_to_end(tmp_path):
     bench_tract.main(["--steps", "2", "--warmup", "1", "--batch", "4", "--models", "resnet18_cifar", "vit_cifar",
                       "--out", str(out)])
     rows = read_csv(out)
-    label = f"{resolve_precision('auto', CPU)}+channels_last"  # tract-train's CPU defaults
     assert [(r["model"], r["tract_layer"], r["tract_n"], r["precision"]) for r in rows] == [
-        ("resnet18_cifar", "conv1", "27", label), ("vit_cifar", "emb", "48", label)]
+        ("resnet18_cifar", "conv1", "27", "fp32+channels_last"), ("vit_cifar", "emb", "48", "fp32+channels_last")]
     for r in rows:
         assert float(r["ms_step_baseline"]) > 0 and float(r["ms_step_tract"]) > 0
         assert r["check"] in ("PASS", "MISS")
