@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,9 @@ def sweep_gpu() -> int:
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype
+# fp16's GradScaler skips the first steps when its initial scale overflows; the schedule advances anyway, as it
+# should, so torch's warning that the scheduler stepped before the optimizer is noise here.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 
 def seed_everything(seed: int, deterministic: bool):
