@@ -231,10 +231,12 @@ def test_cli_runs_from_any_directory(tiny_cifar10_root, tmp_path):
 
 @pytest.mark.slow
 def test_wheel_ships_the_configs(tmp_path):
-    """A non-editable install finds conf/ inside the package."""
+    """A non-editable install finds conf/ inside the package, and every conf/ subfolder is a listed package
+    (setuptools warns that it may drop unlisted ones)."""
     repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(repo)], check=True, timeout=300, capture_output=True)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w",
+                            str(tmp_path), str(repo)], check=True, timeout=300, capture_output=True, text=True)
+    assert "absent from the `packages` configuration" not in build.stdout + build.stderr
     (wheel,) = tmp_path.glob("tract_bench-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"tract_bench/conf/{p.relative_to(repo / 'conf')}" for p in (repo / "conf").rglob("*")
