@@ -6,7 +6,8 @@ images/second over full training steps (data, forward, backward, optimizer, sche
   fast       tract-train's loop: the uint8 set held on the device, DeviceLoader's batched crop + flip +
              normalisation, tract_bench.train.train_epoch (no per-step host sync), with tract-train's
              defaults: channels_last on CUDA and CPU; bf16 autocast on Ampere or newer GPUs (fp16 on older
-             ones), fp32 on CPU (--precision picks another, as precision= does). Optimizer and schedule from conf/optim/sgd_cosine.yaml.
+             ones), fp32 on CPU (--precision picks another, as precision= does). Optimizer and schedule
+             from conf/optim/sgd_cosine.yaml.
   reference  scripts/reference_loop.py: PIL images through torchvision transforms in DataLoader workers,
              fp32, SGD momentum 0.9 lr 0.08, CosineAnnealingLR stepped per iteration, loss.item() per step.
 

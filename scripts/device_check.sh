@@ -12,12 +12,14 @@
 #   3. scripts/bench_train.py: throughput targets (>= 3x the reference loop, <= 1.5 s per CIFAR-10 epoch,
 #      TrAct overhead <= 3 %) and fast-vs-reference accuracy (ACCURACY="flags": default 4 epochs x 2 seeds
 #      of ResNet-18; ACCURACY="" skips it)
-#   4. the same for ResNet-18 with the fast loop in fp32 (OUT_DIR/fp32/): whether bf16 autocast, the CUDA
-#      default, costs accuracy against fp32 (on a 2-core CPU it trailed fp32 in most paired runs; results/README.md)
+#   4. tract-train ResNet-18 in bf16 and in fp32, same seeds (PRECISION="overrides": default 4 epochs x seeds
+#      0,1; PRECISION="" skips it): whether bf16 autocast, the CUDA default, costs accuracy against fp32 (on a
+#      2-core CPU it trailed fp32 in most paired runs; results/README.md). Run folders (with checkpoints) go to
+#      /tmp/precision_runs, the tract-report tables to OUT_DIR/precision/{bf16,fp32}/
 #   5. scripts/bench_tract.py: TrAct's per-step cost in bf16 and fp16 for the CIFAR models and ImageNet ResNet-50
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) must be importable, e.g.
 # installed from carried wheels into a folder on PYTHONPATH. Extra flags: BENCH_ARGS="..." (step 3),
-# TRACT_ARGS="..." (step 4).
+# TRACT_ARGS="..." (step 5).
 set -uo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: bash scripts/device_check.sh CIFAR_DIR OUT_DIR" >&2
@@ -28,6 +30,7 @@ out=$2
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRACT_DATA="$data"
 ACCURACY=${ACCURACY---accuracy-epochs 4 --accuracy-seeds 2 --accuracy-models resnet18_cifar}
+PRECISION=${PRECISION-epochs=4 seed=0,1}
 status=0
 
 step() {  # step NAME COMMAND...: run, log to OUT_DIR/log.txt, remember a failure, go on with the next step
@@ -45,8 +48,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu
 step cuda-tests python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_precisions.py
 # shellcheck disable=SC2086  # ACCURACY and BENCH_ARGS are lists of flags
 step bench python3 scripts/bench_train.py --out-dir "$out" $ACCURACY ${BENCH_ARGS:-}
-# shellcheck disable=SC2086
-step bench-fp32 python3 scripts/bench_train.py --models resnet18_cifar --precision fp32 --out-dir "$out/fp32" \
-    $ACCURACY ${BENCH_ARGS:-}
+if [ -n "$PRECISION" ]; then
+    for p in bf16 fp32; do
+        # shellcheck disable=SC2086  # PRECISION is a list of overrides
+        step "precision-$p" python3 -m tract_bench.cli -m dataset=cifar10 model=resnet18 precision=$p $PRECISION \
+            out_dir=/tmp/precision_runs/$p progress=false
+        step "report-$p" python3 -m tract_bench.report /tmp/precision_runs/$p --out "$out/precision/$p"
+    done
+fi
 step bench-tract python3 scripts/bench_tract.py --out "$out/bench_tract.csv" ${TRACT_ARGS:-}
 exit $status
