@@ -10,6 +10,9 @@ images/second over full training steps (data, forward, backward, optimizer, sche
              from conf/optim/sgd_cosine.yaml.
   reference  scripts/reference_loop.py: PIL images through torchvision transforms in DataLoader workers,
              fp32, SGD momentum 0.9 lr 0.08, CosineAnnealingLR stepped per iteration, loss.item() per step.
+             It runs in a process of its own, as the official script does: the fast loop's process is set up
+             as tract-train sets up its own (on a CPU, glibc keeps freed memory for reuse), the reference's
+             keeps the defaults.
 
 Both read the same uint8 arrays with the same normalisation. Every (model, method, loop) trains its own
 copy of one initialisation per model. A repetition runs each of them in turn (the loop order alternates
@@ -39,13 +42,15 @@ of CIFAR-10's shape (fine for throughput, refused for --accuracy-epochs).
 """
 
 import argparse
+import contextlib
 import copy
 import csv
+import multiprocessing
 import os
 import platform
 import statistics
 import time
-from itertools import islice
+from itertools import islice, product
 from pathlib import Path
 
 import torch
@@ -54,6 +59,7 @@ from omegaconf import OmegaConf
 
 from reference_loop import (TEST_BATCH, CifarImages, TEST_TRANSFORM, TRAIN_TRANSFORM, reference_evaluate,
                             reference_loader, reference_optimizer, reference_train_steps)
+from tract_bench.allocator import keep_freed_memory
 from tract_bench.config import default_channels_last, resolve_precision
 from tract_bench.data import ImageData, balanced_subset, load_cifar
 from tract_bench.errors import UserError
@@ -165,16 +171,16 @@ def load_data(root, synthetic_sizes=(CIFAR_TRAIN, CIFAR_TEST)) -> tuple[ImageDat
                      torch.randint(0, 10, (n_test,), generator=g), [str(c) for c in range(10)], "synthetic"), False
 
 
-def build_loops(args, models, data, device, total_steps, seed=SEED) -> dict:
-    """One loop per (model, method, loop), each with its own copy of the model's one initialisation."""
+def build_loops(args, models, data, device, total_steps, seed=SEED, kinds=LOOPS) -> dict:
+    """One loop per (model, method, loop in `kinds`), each with its own copy of the model's one initialisation."""
     train_set = CifarImages(data.train_x, data.train_y, TRAIN_TRANSFORM)
     test_set = CifarImages(data.test_x, data.test_y, TEST_TRANSFORM)
     loops = {}
     for name in models:
         torch.manual_seed(seed)
-        init = MODELS[name]()
+        init = MODELS[name]()  # the same in every process: seeded construction on the CPU
         for method, lam in METHODS.items():
-            for loop in LOOPS:
+            for loop in kinds:
                 model = copy.deepcopy(init)
                 if lam is not None:
                     apply_tract(model, lam)
@@ -185,6 +191,86 @@ def build_loops(args, models, data, device, total_steps, seed=SEED) -> dict:
                     loops[name, method, loop] = ReferenceLoop(model, train_set, test_set, args.batch_size, device,
                                                               total_steps, seed)
     return loops
+
+
+class ReferenceProcess:
+    """The reference loops, built and trained in a process of their own, as the official script runs in its own.
+
+    Spawned fresh, it has the C allocator's defaults whatever this process set (tract-train's CPU setting,
+    tract_bench.allocator, is for the fast loop only), and its DataLoader workers fork from a lean process. Its
+    loops get the same initialisations as build_loops gives here. A context manager: leaving it ends the process.
+    """
+
+    def __init__(self, args, models, data, device, total_steps, seed):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        arrays = [t.numpy() for t in (data.train_x, data.train_y, data.test_x, data.test_y)]  # pickled by value
+        self.process = ctx.Process(target=serve_reference, args=(child, args, models, arrays, str(device),
+                                                                 total_steps, seed), name="reference-loops")
+        self.process.start()
+        child.close()
+
+    def handles(self, models) -> dict:
+        return {(name, method, "reference"): Remote(self, (name, method, "reference"))
+                for name in models for method in METHODS}
+
+    def call(self, function, key, args):
+        self.conn.send((function.__name__, key, args))
+        ok, result = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"reference process, {function.__name__}{key}: {result}")
+        return result
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.conn.send(None)  # the process ends when asked, or on the pipe closing if this one failed
+        self.conn.close()
+        self.process.join(timeout=None if exc[0] is None else 10)
+        if self.process.is_alive():
+            self.process.terminate()
+
+
+class Remote:
+    """A reference loop living in a ReferenceProcess."""
+
+    def __init__(self, process: ReferenceProcess, key):
+        self.process, self.key = process, key
+
+
+def run(loop, function, *args):
+    """function(loop, *args) where the loop lives: in this process, or in the reference process."""
+    return loop.process.call(function, loop.key, args) if isinstance(loop, Remote) else function(loop, *args)
+
+
+def serve_reference(conn, args, models, arrays, device, total_steps, seed):
+    """The reference process: builds its loops, then runs what ReferenceProcess.call sends until told to stop."""
+    train_x, train_y, test_x, test_y = (torch.from_numpy(a) for a in arrays)
+    data = ImageData(train_x, train_y, test_x, test_y, [], "")
+    loops = build_loops(args, models, data, torch.device(device), total_steps, seed, kinds=("reference",))
+    tasks = {f.__name__: f for f in (measure, train_epochs, evaluate_top1)}
+    with contextlib.suppress(EOFError):  # the parent died: so does this
+        while (command := conn.recv()) is not None:
+            name, key, call_args = command
+            try:
+                conn.send((True, tasks[name](loops[key], *call_args)))
+            except Exception as e:
+                conn.send((False, f"{type(e).__name__}: {e}"))
+
+
+def train_epochs(loop, epochs) -> float:
+    """Train `epochs` whole epochs; the last epoch's mean loss."""
+    for _ in range(epochs):
+        epoch = loop.batches()
+        loss = loop.train(islice(epoch, len(loop.loader)))
+        epoch.close()
+    return loss
+
+
+def evaluate_top1(loop) -> float:
+    return loop.test_top1()
 
 
 def measure(loop, batch, warmup, steps, epochs, device) -> float:
@@ -263,19 +349,18 @@ def accuracy(args, data, device) -> list[dict]:
     total = args.accuracy_epochs * (len(data.train_x) // args.batch_size)
     rows = []
     for seed in range(args.accuracy_seeds):
-        loops = build_loops(args, args.accuracy_models, data, device, total, seed)
-        for (name, method, loop_name), loop in loops.items():
-            t0 = time.perf_counter()
-            for _ in range(args.accuracy_epochs):
-                epoch = loop.batches()
-                loss = loop.train(islice(epoch, len(loop.loader)))
-                epoch.close()
-            rows.append({"model": name, "method": method, "loop": loop_name, "seed": seed,
-                         "epochs": args.accuracy_epochs, "train_images": len(data.train_x),
-                         "final_train_loss": round(loss, 4), "test_top1": round(loop.test_top1(), 2),
-                         "train_s": round(time.perf_counter() - t0, 1)})
-            print(f"accuracy  seed {seed}  {name:15s} {method:8s} {loop_name:9s} top-1 {rows[-1]['test_top1']:.2f} %",
-                  flush=True)
+        with ReferenceProcess(args, args.accuracy_models, data, device, total, seed) as reference:
+            loops = {**build_loops(args, args.accuracy_models, data, device, total, seed, kinds=("fast",)),
+                     **reference.handles(args.accuracy_models)}
+            for (name, method, loop_name) in product(args.accuracy_models, METHODS, LOOPS):
+                loop, t0 = loops[name, method, loop_name], time.perf_counter()
+                loss = run(loop, train_epochs, args.accuracy_epochs)
+                rows.append({"model": name, "method": method, "loop": loop_name, "seed": seed,
+                             "epochs": args.accuracy_epochs, "train_images": len(data.train_x),
+                             "final_train_loss": round(loss, 4), "test_top1": round(run(loop, evaluate_top1), 2),
+                             "train_s": round(time.perf_counter() - t0, 1)})
+                print(f"accuracy  seed {seed}  {name:15s} {method:8s} {loop_name:9s} "
+                      f"top-1 {rows[-1]['test_top1']:.2f} %", flush=True)
     return rows
 
 
@@ -361,6 +446,9 @@ def main(argv=None):
         p.error("--steps, --reps, --batch-size and --accuracy-seeds must be >= 1; --warmup, --epochs and "
                 "--accuracy-epochs >= 0")
 
+    # this process runs the fast loop as tract-train runs: on a CPU, glibc reuses freed memory (the reference
+    # loops run in their own process, with the allocator's defaults, as the official script does)
+    reuse = device.type == "cpu" and keep_freed_memory()
     data, real = load_data(args.data)
     if args.accuracy_epochs and not real:
         p.error("--accuracy-epochs needs the real CIFAR-10: pass --data or set TRACT_DATA")
@@ -379,21 +467,22 @@ def main(argv=None):
                     f"{args.batch_size}")
     data_label = f"CIFAR-10 ({len(data.train_x)} train images)" if real else "synthetic uint8, CIFAR-10 shape"
     per_rep = args.warmup + (args.epochs * (len(data.train_x) // args.batch_size) if args.epochs else args.steps)
-    loops = build_loops(args, args.models, data, device, args.reps * per_rep)
     timed = f"{args.epochs} epoch(s)" if args.epochs else f"{args.steps} steps"
     timing = f"{timed} after {args.warmup} warm-up steps, x{args.reps} reps"
     print(f"{device_name(device)}; {data_label}; {timing}", flush=True)
-
-    ips = {key: [] for key in loops}
-    for rep in range(args.reps):
-        for name in args.models:
-            for method in METHODS:
-                for loop in LOOPS if rep % 2 == 0 else LOOPS[::-1]:
-                    rate = measure(loops[name, method, loop], args.batch_size, args.warmup, args.steps, args.epochs,
-                                   device)
-                    ips[name, method, loop].append(rate)
-                    print(f"rep {rep + 1}/{args.reps}  {name:15s} {method:8s} {loop:9s} {rate:9.1f} images/s",
-                          flush=True)
+    ips = {key: [] for key in product(args.models, METHODS, LOOPS)}
+    with ReferenceProcess(args, args.models, data, device, args.reps * per_rep, SEED) as reference:
+        loops = {**build_loops(args, args.models, data, device, args.reps * per_rep, kinds=("fast",)),
+                 **reference.handles(args.models)}
+        for rep in range(args.reps):
+            for name in args.models:
+                for method in METHODS:
+                    for loop in LOOPS if rep % 2 == 0 else LOOPS[::-1]:
+                        rate = run(loops[name, method, loop], measure, args.batch_size, args.warmup, args.steps,
+                                   args.epochs, device)
+                        ips[name, method, loop].append(rate)
+                        print(f"rep {rep + 1}/{args.reps}  {name:15s} {method:8s} {loop:9s} {rate:9.1f} images/s",
+                              flush=True)
     del loops  # frees their memory before the accuracy runs
 
     rows = summarise(ips, args, device, data_label, timing)
@@ -403,7 +492,10 @@ def main(argv=None):
               f"- data: {data_label}; batch {args.batch_size}",
               f"- timing: {timing}; medians over reps of paired per-rep ratios",
               "- reference: PIL + torchvision transforms in DataLoader workers, fp32, loss.item() per step "
-              "(scripts/reference_loop.py)"]
+              "(scripts/reference_loop.py)",
+              "- processes: the reference loops run in a process of their own, with the C allocator's defaults; "
+              + ("the fast loop's process reuses freed memory, as tract-train's does on a CPU (tract_bench.allocator)"
+                 if reuse else "the fast loop's too")]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "bench.csv", rows)

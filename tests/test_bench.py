@@ -1,5 +1,6 @@
 """The benchmark scripts: the fast and reference loops compute the same thing, and both scripts run end to end."""
 
+import argparse
 import copy
 import csv
 import sys
@@ -52,6 +53,23 @@ def test_fast_and_reference_loops_agree_without_augmentation(tiny_cifar10_root):
     for _ in range(3):
         assert fast.train([(xf[:16], yf[:16])]) == pytest.approx(ref.train([(xf[:16], yf[:16])]), rel=1e-6)
     assert fast.scheduler.get_last_lr() == pytest.approx(ref.scheduler.get_last_lr(), abs=1e-12)
+
+
+def test_reference_process_trains_as_the_reference_loop_here(tiny_cifar10_root):
+    """The reference loops in their own process start from the same initialisation and data stream as built here:
+    a whole augmented epoch ends at the same loss and test accuracy, and errors there are raised here."""
+    data, _ = bench_train.load_data(tiny_cifar10_root)
+    args = argparse.Namespace(batch_size=32, precision="fp32", compile=False)
+    key = ("resnet18_cifar", "tract", "reference")
+    here = bench_train.build_loops(args, ["resnet18_cifar"], data, CPU, 10, seed=1, kinds=("reference",))[key]
+    with bench_train.ReferenceProcess(args, ["resnet18_cifar"], data, CPU, 10, seed=1) as process:
+        there = process.handles(["resnet18_cifar"])[key]
+        assert bench_train.run(there, bench_train.train_epochs, 1) == pytest.approx(
+            bench_train.train_epochs(here, 1), rel=1e-5)
+        assert bench_train.run(there, bench_train.evaluate_top1) == pytest.approx(here.test_top1())
+        with pytest.raises(RuntimeError, match="reference process"):
+            bench_train.run(there, bench_train.train_epochs, "one")
+    assert process.process.exitcode == 0
 
 
 def test_train_loaders_agree_on_shape_and_normalisation(tiny_cifar10_root):

@@ -64,9 +64,12 @@ def test_schedules():
     assert factors == pytest.approx([1, 0.2, 0.2, 0.04, 0.04, 0.008, 0.008])
 
 
-def test_one_epoch_writes_the_whole_run_folder(tiny_cifar10_root, tmp_path, capsys):
+def test_one_epoch_writes_the_whole_run_folder(tiny_cifar10_root, tmp_path, capsys, monkeypatch):
     cfg = tiny_run(tiny_cifar10_root, tmp_path, "tract.lam=0.1")
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1))  # the process-wide CPU setting
     folder = train.run(cfg)
+    assert calls == [1]
     assert folder.parent.parent == tmp_path and folder.name.startswith("e1-tract0.1-s0-")
     assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.csv", "summary.json", "log.txt",
                                                   "checkpoints"}
