@@ -247,6 +247,9 @@ def run(loop, function, *args):
 
 def serve_reference(conn, args, models, arrays, device, total_steps, seed):
     """The reference process: builds its loops, then runs what ReferenceProcess.call sends until told to stop."""
+    # spawn made itself this process's start method; the DataLoader workers start the platform's default way (fork
+    # on Linux: spawned workers would each take seconds to start), as the official script's do
+    multiprocessing.set_start_method(None, force=True)
     train_x, train_y, test_x, test_y = (torch.from_numpy(a) for a in arrays)
     data = ImageData(train_x, train_y, test_x, test_y, [], "")
     loops = build_loops(args, models, data, torch.device(device), total_steps, seed, kinds=("reference",))
