@@ -245,6 +245,14 @@ def run(loop, function, *args):
     return loop.process.call(function, loop.key, args) if isinstance(loop, Remote) else function(loop, *args)
 
 
+@contextlib.contextmanager
+def all_loops(args, models, data, device, total_steps, seed=SEED):
+    """Every (model, method, loop): the fast loops here, handles to the reference loops in their own process."""
+    with ReferenceProcess(args, models, data, device, total_steps, seed) as reference:
+        yield {**build_loops(args, models, data, device, total_steps, seed, kinds=("fast",)),
+               **reference.handles(models)}
+
+
 def serve_reference(conn, args, models, arrays, device, total_steps, seed):
     """The reference process: builds its loops, then runs what ReferenceProcess.call sends until told to stop."""
     # spawn made itself this process's start method; the DataLoader workers start the platform's default way (fork
@@ -352,9 +360,7 @@ def accuracy(args, data, device) -> list[dict]:
     total = args.accuracy_epochs * (len(data.train_x) // args.batch_size)
     rows = []
     for seed in range(args.accuracy_seeds):
-        with ReferenceProcess(args, args.accuracy_models, data, device, total, seed) as reference:
-            loops = {**build_loops(args, args.accuracy_models, data, device, total, seed, kinds=("fast",)),
-                     **reference.handles(args.accuracy_models)}
+        with all_loops(args, args.accuracy_models, data, device, total, seed) as loops:
             for (name, method, loop_name) in product(args.accuracy_models, METHODS, LOOPS):
                 loop, t0 = loops[name, method, loop_name], time.perf_counter()
                 loss = run(loop, train_epochs, args.accuracy_epochs)
@@ -474,9 +480,7 @@ def main(argv=None):
     timing = f"{timed} after {args.warmup} warm-up steps, x{args.reps} reps"
     print(f"{device_name(device)}; {data_label}; {timing}", flush=True)
     ips = {key: [] for key in product(args.models, METHODS, LOOPS)}
-    with ReferenceProcess(args, args.models, data, device, args.reps * per_rep, SEED) as reference:
-        loops = {**build_loops(args, args.models, data, device, args.reps * per_rep, kinds=("fast",)),
-                 **reference.handles(args.models)}
+    with all_loops(args, args.models, data, device, args.reps * per_rep) as loops:
         for rep in range(args.reps):
             for name in args.models:
                 for method in METHODS:

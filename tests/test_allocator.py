@@ -1,11 +1,12 @@
 """keep_freed_memory: after it, re-allocating a large buffer reuses freed memory instead of faulting in new pages."""
 
 import json
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from tract_bench.allocator import GLIBC
 
 # Allocates and frees a 48 MiB tensor (over glibc's 32 MiB mmap ceiling) 16 times, before and after the call, and
 # prints the page faults of the last 6 rounds of each. After the call glibc grows its heap for the first rounds
@@ -27,7 +28,7 @@ print(json.dumps({"before": before, "applied": applied, "after": faults()}))
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 def test_freed_buffers_are_reused_not_faulted_in_again():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
     result = json.loads(out.splitlines()[-1])

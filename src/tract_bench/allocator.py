@@ -5,6 +5,7 @@ import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free heap top rather than trimming it
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"  # where mallopt exists
 
 
 def keep_freed_memory() -> bool:
@@ -19,7 +20,7 @@ def keep_freed_memory() -> bool:
     memory too, but need installing. The setting is process-wide, so only what owns the process calls it (a
     training run on the CPU, the benchmarks); elsewhere than glibc it does nothing.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
