@@ -281,6 +281,7 @@ def run(cfg) -> Path:
             logfile.flush()
         if not math.isfinite(train_loss):
             break  # diverged: recorded as such, never averaged in as a result
+    del forward  # DDP holds the process group: free it first, or gloo's teardown can hang (seen with torch 2.11)
     if not main:
         distributed.shutdown()
         return folder
