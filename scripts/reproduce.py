@@ -3,7 +3,7 @@
 Every sweep is in the table below. A scale changes only the budgets, seeds and data size, never the protocol:
   paper  the paper's protocol exactly (budgets, learning rates, lambdas, 5 seeds)
   short  the same shape at small budgets and 1 seed: a few minutes on one large GPU
-  smoke  real CIFAR on a 2-core CPU: a class-balanced subset, three small budgets, 3 seeds (~20 min for fig3_sgd)
+  smoke  real CIFAR on a 2-core CPU: a class-balanced subset, budgets of 1-4 epochs, 1-3 seeds (~20 min for fig3_sgd)
 Finished runs are skipped and interrupted ones resumed (tract-train does that), so re-running after a failure
 only does what is missing. Runs go to runs/<scale>/<exp>/, the report to results/<exp>_<scale>/.
 """
