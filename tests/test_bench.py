@@ -14,6 +14,7 @@ import bench_tract  # noqa: E402
 import bench_train  # noqa: E402
 import grad_precision  # noqa: E402
 import reference_loop  # noqa: E402
+import step_profile  # noqa: E402
 import swap_pipelines  # noqa: E402
 from tract_bench.models import resnet_cifar  # noqa: E402
 
@@ -215,6 +216,21 @@ def test_bench_tract_imagenet_resnet50(tmp_path):
                       "--out", str(out)])
     (row,) = read_csv(out)
     assert (row["tract_n"], row["image_size"], row["check"]) == ("147", "224", "")
+
+
+def test_step_profile_counts_forward_and_backward_work(capsys):
+    """A step is 3x the forward's FLOPs (output, input and weight gradients), less the stem's input gradient,
+    which the image does not need; the rate is that work over the step's median time."""
+    from torch.utils.flop_counter import FlopCounterMode
+    result = step_profile.main(["--steps", "2", "--warmup", "1", "--batch", "2", "--top", "3"])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        resnet_cifar("resnet18", 10)(torch.randn(2, 3, 32, 32))
+    stem = 2 * 2 * 32 * 32 * 64 * 27  # batch 2, 32x32 outputs, 64 channels, 3x3x3 inputs each, multiply-add
+    assert result["gflop_per_step"] * 1e9 == 3 * counter.get_total_flops() - stem
+    assert result["gflops_achieved"] == pytest.approx(result["gflop_per_step"] / result["ms_per_step"] * 1e3)
+    assert result["precision"] == "fp32+channels_last" and result["gflops_matmul"] > 0 < result["gflops_conv3x3"]
+    assert "of the faster" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags,message", [

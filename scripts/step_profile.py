@@ -1,0 +1,134 @@
+"""Where one training step's time goes, and how close it runs to the device's own matrix-multiply rate.
+
+The step is bench_tract.py's (forward, backward, SGD on one fixed synthetic batch, so no data pipeline) with
+tract-train's defaults for the device: channels_last; bf16 autocast on CUDA from Ampere on, fp32 on CPU, where
+freed memory is kept for reuse as a CPU run does. Printed:
+  - the step's floating-point work (torch.utils.flop_counter: convolutions and matrix products, forward and
+    backward), its median time, and the rate that makes;
+  - the device's rate on a large square matrix product and on a large 3x3 convolution in the step's precision
+    and layout: the practical ceiling of a step whose time is convolutions and matrix products. A step near it
+    can only get faster by doing less work (fewer FLOPs, lower precision), not by a better loop;
+  - torch.profiler's ops by self time (device time on CUDA).
+
+  python scripts/step_profile.py [--model resnet18_cifar] [--tract] [--steps 10] [--top 15]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench_tract import LAM, LR, MODELS, MOMENTUM, SEED, sync, train_step
+from tract_bench.allocator import keep_freed_memory
+from tract_bench.config import default_channels_last, resolve_precision
+from tract_bench.tract import apply_tract
+from tract_bench.train import AUTOCAST, device_name
+
+
+def best_rate(fn, flops, device, reps=5) -> float:
+    """FLOP/s of fn (which does `flops` of work): median of `reps` timed calls after one warm-up."""
+    times = []
+    for _ in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return flops / statistics.median(times[1:])
+
+
+def dense_rates(device, dtype, memory_format) -> dict:
+    """The device's rate on two large dense products in the step's precision: a square matrix product, and a
+    3x3 convolution (batch 128, 256 -> 256 channels, 16x16, the step's layout), which the CPU's oneDNN can run
+    faster than its matrix product."""
+    size = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(128, 256, 16, 16, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        return {"matmul": best_rate(lambda: a @ b, 2 * size**3, device),
+                "conv3x3": best_rate(lambda: F.conv2d(x, w, padding=1), 2 * x.numel() * 256 * 9, device)}
+
+
+def profile_step(model_name, tract, steps, warmup, batch, device) -> dict:
+    build, classes, size, cpu_batch, cuda_batch = MODELS[model_name]
+    batch = batch or (cuda_batch if device.type == "cuda" else cpu_batch)
+    precision = resolve_precision("auto", device)
+    amp_dtype = AUTOCAST[precision]
+    memory_format = torch.channels_last if default_channels_last(device) else torch.contiguous_format
+    torch.manual_seed(SEED)
+    model = build()
+    if tract:
+        apply_tract(model, LAM, input_size=(3, size, size))
+    model = model.to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    x = torch.randn(batch, 3, size, size).to(device, memory_format=memory_format)
+    y = torch.randint(0, classes, (batch,)).to(device)
+
+    def step():
+        train_step(model, optimizer, scaler, x, y, amp_dtype)
+
+    for _ in range(warmup):
+        step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    seconds = statistics.median(times)
+    flops = counter.get_total_flops()
+    dense = dense_rates(device, amp_dtype or torch.float32, memory_format)
+    return {"device": device_name(device), "model": model_name, "tract": tract, "batch": batch,
+            "precision": precision + ("+channels_last" if memory_format == torch.channels_last else ""),
+            "gflop_per_step": flops / 1e9, "ms_per_step": 1000 * seconds, "images_per_second": batch / seconds,
+            "gflops_achieved": flops / seconds / 1e9, "gflops_matmul": dense["matmul"] / 1e9,
+            "gflops_conv3x3": dense["conv3x3"] / 1e9,
+            "profile": prof.key_averages()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=list(MODELS), default="resnet18_cifar")
+    p.add_argument("--tract", action="store_true", help=f"TrAct (lambda={LAM}) on the first layer")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median over them)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--batch", type=int, help="override the model's batch size (quick checks only)")
+    p.add_argument("--top", type=int, default=15, help="rows of the profiler's table")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.top < 1 or (args.batch is not None and args.batch < 1):
+        p.error("--steps, --top and --batch must be >= 1, --warmup >= 0")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.backends.cudnn.benchmark = True
+    r = profile_step(args.model, args.tract, args.steps, args.warmup, args.batch, device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(r["profile"].table(sort_by=sort, row_limit=args.top, max_name_column_width=40))
+    print(f"{r['model']}{' + TrAct' if r['tract'] else ''}, batch {r['batch']}, {r['precision']} on {r['device']}, "
+          f"torch {torch.__version__}:\n"
+          f"  step: {r['gflop_per_step']:.1f} GFLOP in {r['ms_per_step']:.1f} ms (median of {args.steps}) = "
+          f"{r['gflops_achieved']:.0f} GFLOP/s, {r['images_per_second']:.0f} images/s\n"
+          f"  large dense products in {r['precision'].split('+')[0]}: matrix product {r['gflops_matmul']:.0f} GFLOP/s, "
+          f"3x3 convolution {r['gflops_conv3x3']:.0f} GFLOP/s; the step runs at "
+          f"{100 * r['gflops_achieved'] / max(r['gflops_matmul'], r['gflops_conv3x3']):.0f} % of the faster",
+          flush=True)
+    return r
+
+
+if __name__ == "__main__":
+    main()
