@@ -56,6 +56,29 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device) -> float:
+    """Seconds that fn() takes, its device work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def setup(name, batch, device):
+    """MODELS[name] built from SEED (on the CPU, for the caller to wrap and move) and one fixed synthetic batch
+    for it on `device`, in tract-train's layout there: (model, x, y, memory_format)."""
+    build, classes, size, cpu_batch, cuda_batch = MODELS[name]
+    batch = batch or (cuda_batch if device.type == "cuda" else cpu_batch)
+    memory_format = torch.channels_last if default_channels_last(device) else torch.contiguous_format
+    torch.manual_seed(SEED)
+    model = build()
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=memory_format)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    return model, x, y, memory_format
+
+
 def train_step(model, optimizer, scaler, x, y, amp_dtype):
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = F.cross_entropy(model(x).float(), y)
@@ -72,28 +95,19 @@ def time_interleaved(models, x, y, amp_dtype, scaled, steps, warmup, device) -> 
     times = [[] for _ in models]
     for i in range(warmup + steps):
         for k in (0, 1) if i % 2 == 0 else (1, 0):
-            sync(device)
-            t0 = time.perf_counter()
-            train_step(models[k], optimizers[k], scalers[k], x, y, amp_dtype)
-            sync(device)
+            seconds = timed(lambda: train_step(models[k], optimizers[k], scalers[k], x, y, amp_dtype), device)
             if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(seconds)
     return times
 
 
 def bench_model(name, args, device) -> list[dict]:
-    build, classes, size, cpu_batch, cuda_batch = MODELS[name]
-    batch = args.batch or (cuda_batch if device.type == "cuda" else cpu_batch)
-    memory_format = torch.channels_last if default_channels_last(device) else torch.contiguous_format
-    torch.manual_seed(SEED)
-    baseline = build()
+    baseline, x, y, memory_format = setup(name, args.batch, device)
+    batch, size = x.shape[0], x.shape[-1]
     tract = copy.deepcopy(baseline)
-    layer = apply_tract(tract, LAM, input_size=(3, size, size))
+    layer = apply_tract(tract, LAM, input_size=tuple(x.shape[1:]))
     n = tract.get_submodule(layer).weight[0].numel()
     models = [m.to(device, memory_format=memory_format).train() for m in (baseline, tract)]
-    g = torch.Generator().manual_seed(SEED)
-    x = torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=memory_format)
-    y = torch.randint(0, classes, (batch,), generator=g).to(device)
     layout = "+channels_last" if memory_format == torch.channels_last else ""
     rows = []
     for label, amp_dtype, scaled in PRECISIONS[device.type]:

@@ -17,8 +17,9 @@
 #      2-core CPU it trailed fp32 in most paired runs; results/README.md). Run folders (with checkpoints) go to
 #      /tmp/precision_runs, the tract-report tables to OUT_DIR/precision/{bf16,fp32}/
 #   5. scripts/bench_tract.py: TrAct's per-step cost in bf16 and fp16 for the CIFAR models and ImageNet ResNet-50
-#   6. scripts/step_profile.py: a bf16 ResNet-18 step's FLOPs and time against the GPU's bf16 matmul rate, and its
-#      top kernels (OUT_DIR/step_profile.txt): how far the step is from the hardware's ceiling
+#   6. scripts/step_profile.py: a bf16 ResNet-18 step's FLOPs and time against the GPU's bf16 rate on a large
+#      matrix product and 3x3 convolution, and its top kernels (OUT_DIR/step_profile.txt): how far the step is
+#      from the hardware's ceiling
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) must be importable, e.g.
 # installed from carried wheels into a folder on PYTHONPATH. Extra flags: BENCH_ARGS="..." (step 3),
 # TRACT_ARGS="..." (step 5).
@@ -59,5 +60,5 @@ if [ -n "$PRECISION" ]; then
     done
 fi
 step bench-tract python3 scripts/bench_tract.py --out "$out/bench_tract.csv" ${TRACT_ARGS:-}
-step step-profile python3 scripts/step_profile.py > "$out/step_profile.txt"
+step step-profile python3 scripts/step_profile.py --out "$out/step_profile.txt"
 exit $status

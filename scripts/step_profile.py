@@ -1,4 +1,4 @@
-"""Where one training step's time goes, and how close it runs to the device's own matrix-multiply rate.
+"""Where one training step's time goes, and how close it runs to the device's rate on large dense products.
 
 The step is bench_tract.py's (forward, backward, SGD on one fixed synthetic batch, so no data pipeline) with
 tract-train's defaults for the device: channels_last; bf16 autocast on CUDA from Ampere on, fp32 on CPU, where
@@ -10,35 +10,37 @@ freed memory is kept for reuse as a CPU run does. Printed:
     can only get faster by doing less work (fewer FLOPs, lower precision), not by a better loop;
   - torch.profiler's ops by self time (device time on CUDA).
 
-  python scripts/step_profile.py [--model resnet18_cifar] [--tract] [--steps 10] [--top 15]
+  python scripts/step_profile.py [--model resnet18_cifar] [--tract] [--steps 10] [--top 15] [--out FILE]
 """
 
 import argparse
 import statistics
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_tract import LAM, LR, MODELS, MOMENTUM, SEED, sync, train_step
+from bench_tract import LAM, LR, MODELS, MOMENTUM, setup, sync, timed, train_step
 from tract_bench.allocator import keep_freed_memory
-from tract_bench.config import default_channels_last, resolve_precision
+from tract_bench.config import resolve_precision
 from tract_bench.tract import apply_tract
 from tract_bench.train import AUTOCAST, device_name
 
 
 def best_rate(fn, flops, device, reps=5) -> float:
-    """FLOP/s of fn (which does `flops` of work): median of `reps` timed calls after one warm-up."""
-    times = []
-    for _ in range(reps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return flops / statistics.median(times[1:])
+    """FLOP/s of fn (which does `flops` of work): median over `reps` timings after two warm-ups. On a GPU each
+    timing covers 20 back-to-back calls, so that one call's tens of microseconds are not lost in the host's
+    synchronisation."""
+    calls = 20 if device.type == "cuda" else 1
+
+    def repeated():
+        for _ in range(calls):
+            fn()
+
+    times = [timed(repeated, device) for _ in range(reps + 2)][2:]
+    return calls * flops / statistics.median(times)
 
 
 def dense_rates(device, dtype, memory_format) -> dict:
@@ -55,20 +57,14 @@ def dense_rates(device, dtype, memory_format) -> dict:
 
 
 def profile_step(model_name, tract, steps, warmup, batch, device) -> dict:
-    build, classes, size, cpu_batch, cuda_batch = MODELS[model_name]
-    batch = batch or (cuda_batch if device.type == "cuda" else cpu_batch)
     precision = resolve_precision("auto", device)
     amp_dtype = AUTOCAST[precision]
-    memory_format = torch.channels_last if default_channels_last(device) else torch.contiguous_format
-    torch.manual_seed(SEED)
-    model = build()
+    model, x, y, memory_format = setup(model_name, batch, device)
     if tract:
-        apply_tract(model, LAM, input_size=(3, size, size))
+        apply_tract(model, LAM, input_size=tuple(x.shape[1:]))
     model = model.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    x = torch.randn(batch, 3, size, size).to(device, memory_format=memory_format)
-    y = torch.randint(0, classes, (batch,)).to(device)
 
     def step():
         train_step(model, optimizer, scaler, x, y, amp_dtype)
@@ -78,27 +74,19 @@ def profile_step(model_name, tract, steps, warmup, batch, device) -> dict:
     counter = FlopCounterMode(display=False)
     with counter:
         step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(timed(step, device) for _ in range(steps))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
             step()
         sync(device)
-    seconds = statistics.median(times)
     flops = counter.get_total_flops()
     dense = dense_rates(device, amp_dtype or torch.float32, memory_format)
-    return {"device": device_name(device), "model": model_name, "tract": tract, "batch": batch,
+    return {"device": device_name(device), "model": model_name, "tract": tract, "batch": x.shape[0],
             "precision": precision + ("+channels_last" if memory_format == torch.channels_last else ""),
-            "gflop_per_step": flops / 1e9, "ms_per_step": 1000 * seconds, "images_per_second": batch / seconds,
+            "flops_per_step": flops, "ms_per_step": 1000 * seconds, "images_per_second": x.shape[0] / seconds,
             "gflops_achieved": flops / seconds / 1e9, "gflops_matmul": dense["matmul"] / 1e9,
-            "gflops_conv3x3": dense["conv3x3"] / 1e9,
-            "profile": prof.key_averages()}
+            "gflops_conv3x3": dense["conv3x3"] / 1e9, "profile": prof.key_averages()}
 
 
 def main(argv=None):
@@ -109,6 +97,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--batch", type=int, help="override the model's batch size (quick checks only)")
     p.add_argument("--top", type=int, default=15, help="rows of the profiler's table")
+    p.add_argument("--out", help="also append the report to this file")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.top < 1 or (args.batch is not None and args.batch < 1):
         p.error("--steps, --top and --batch must be >= 1, --warmup >= 0")
@@ -118,15 +107,20 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     r = profile_step(args.model, args.tract, args.steps, args.warmup, args.batch, device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(r["profile"].table(sort_by=sort, row_limit=args.top, max_name_column_width=40))
-    print(f"{r['model']}{' + TrAct' if r['tract'] else ''}, batch {r['batch']}, {r['precision']} on {r['device']}, "
-          f"torch {torch.__version__}:\n"
-          f"  step: {r['gflop_per_step']:.1f} GFLOP in {r['ms_per_step']:.1f} ms (median of {args.steps}) = "
-          f"{r['gflops_achieved']:.0f} GFLOP/s, {r['images_per_second']:.0f} images/s\n"
-          f"  large dense products in {r['precision'].split('+')[0]}: matrix product {r['gflops_matmul']:.0f} GFLOP/s, "
-          f"3x3 convolution {r['gflops_conv3x3']:.0f} GFLOP/s; the step runs at "
-          f"{100 * r['gflops_achieved'] / max(r['gflops_matmul'], r['gflops_conv3x3']):.0f} % of the faster",
-          flush=True)
+    best = max(r["gflops_matmul"], r["gflops_conv3x3"])
+    report = (f"{r['profile'].table(sort_by=sort, row_limit=args.top, max_name_column_width=40)}\n"
+              f"{r['model']}{' + TrAct' if r['tract'] else ''}, batch {r['batch']}, {r['precision']} on "
+              f"{r['device']}, torch {torch.__version__}:\n"
+              f"  step: {r['flops_per_step'] / 1e9:.1f} GFLOP in {r['ms_per_step']:.1f} ms (median of {args.steps}) "
+              f"= {r['gflops_achieved']:.0f} GFLOP/s, {r['images_per_second']:.0f} images/s\n"
+              f"  large dense products in {r['precision'].split('+')[0]}: matrix product {r['gflops_matmul']:.0f} "
+              f"GFLOP/s, 3x3 convolution {r['gflops_conv3x3']:.0f} GFLOP/s; the step runs at "
+              f"{100 * r['gflops_achieved'] / best:.0f} % of the faster\n")
+    print(report, end="", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(report)
     return r
 
 
