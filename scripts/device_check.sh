@@ -9,20 +9,21 @@
 #   1. the GPU's name, driver and memory (every figure must name its GPU)
 #   2. pytest -m cuda: TrAct under CUDA bf16/fp16 autocast in channels_last against the dense reference, and
 #      one tract-train epoch per precision on CUDA
-#   3. scripts/bench_train.py: throughput targets (>= 3x the reference loop, <= 1.5 s per CIFAR-10 epoch,
-#      TrAct overhead <= 3 %) and fast-vs-reference accuracy (ACCURACY="flags": default 4 epochs x 2 seeds
-#      of ResNet-18; ACCURACY="" skips it)
-#   4. tract-train ResNet-18 in bf16 and in fp32, same seeds (PRECISION="overrides": default 4 epochs x seeds
+#   3. scripts/bench_tract.py: TrAct's per-step cost in bf16 and fp16 for the CIFAR models and ImageNet ResNet-50
+#   4. scripts/step_profile.py: a bf16 ResNet-18 step's FLOPs and time against the GPU's bf16 rate on a large
+#      matrix product and 3x3 convolution, and its top kernels (OUT_DIR/step_profile.txt): how far the step is
+#      from the hardware's ceiling
+#   5. scripts/bench_train.py: throughput targets (>= 3x the reference loop, <= 1.5 s per CIFAR-10 epoch,
+#      TrAct overhead <= 3 %), written before fast-vs-reference accuracy (ACCURACY="flags": default 4 epochs x
+#      2 seeds of ResNet-18; ACCURACY="" skips it)
+#   6. tract-train ResNet-18 in bf16 and in fp32, same seeds (PRECISION="overrides": default 4 epochs x seeds
 #      0,1; PRECISION="" skips it): whether bf16 autocast, the CUDA default, costs accuracy against fp32 (on a
 #      2-core CPU it trailed fp32 in most paired runs; results/README.md). Run folders (with checkpoints) go to
 #      /tmp/precision_runs, the tract-report tables to OUT_DIR/precision/{bf16,fp32}/
-#   5. scripts/bench_tract.py: TrAct's per-step cost in bf16 and fp16 for the CIFAR models and ImageNet ResNet-50
-#   6. scripts/step_profile.py: a bf16 ResNet-18 step's FLOPs and time against the GPU's bf16 rate on a large
-#      matrix product and 3x3 convolution, and its top kernels (OUT_DIR/step_profile.txt): how far the step is
-#      from the hardware's ceiling
+# The short steps come first and the long accuracy runs last, so a run stopped at its time limit keeps the most.
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) must be importable, e.g.
-# installed from carried wheels into a folder on PYTHONPATH. Extra flags: BENCH_ARGS="..." (step 3),
-# TRACT_ARGS="..." (step 5).
+# installed from carried wheels into a folder on PYTHONPATH. Extra flags: TRACT_ARGS="..." (step 3),
+# BENCH_ARGS="..." (step 5).
 set -uo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: bash scripts/device_check.sh CIFAR_DIR OUT_DIR" >&2
@@ -49,6 +50,9 @@ step() {  # step NAME COMMAND...: run, log to OUT_DIR/log.txt, remember a failur
 step gpu nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv" 2>/dev/null
 step cuda-tests python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_precisions.py
+# shellcheck disable=SC2086  # TRACT_ARGS is a list of flags
+step bench-tract python3 scripts/bench_tract.py --out "$out/bench_tract.csv" ${TRACT_ARGS:-}
+step step-profile python3 scripts/step_profile.py --out "$out/step_profile.txt"
 # shellcheck disable=SC2086  # ACCURACY and BENCH_ARGS are lists of flags
 step bench python3 scripts/bench_train.py --out-dir "$out" $ACCURACY ${BENCH_ARGS:-}
 if [ -n "$PRECISION" ]; then
@@ -59,6 +63,4 @@ if [ -n "$PRECISION" ]; then
         step "report-$p" python3 -m tract_bench.report /tmp/precision_runs/$p --out "$out/precision/$p"
     done
 fi
-step bench-tract python3 scripts/bench_tract.py --out "$out/bench_tract.csv" ${TRACT_ARGS:-}
-step step-profile python3 scripts/step_profile.py --out "$out/step_profile.txt"
 exit $status
