@@ -56,6 +56,16 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def training_device() -> torch.device:
+    """The GPU if there is one, else the CPU, set up as a tract-train run sets it up: on a CPU freed memory is
+    kept for reuse; cuDNN benchmarks its kernels for the fixed shapes."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.backends.cudnn.benchmark = True
+    return device
+
+
 def timed(fn, device) -> float:
     """Seconds that fn() takes, its device work included."""
     sync(device)
@@ -150,10 +160,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
         p.error("--steps and --batch must be >= 1, --warmup >= 0")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        keep_freed_memory()  # as a tract-train run on the CPU
-    torch.backends.cudnn.benchmark = True  # same shapes every step; both twins get the same kernels
+    device = training_device()  # with the same shapes every step, both twins get the same kernels
     rows = [row for name in args.models for row in bench_model(name, args, device)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

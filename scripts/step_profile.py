@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_tract import LAM, LR, MODELS, MOMENTUM, setup, sync, timed, train_step
-from tract_bench.allocator import keep_freed_memory
+from bench_tract import LAM, LR, MODELS, MOMENTUM, setup, sync, timed, train_step, training_device
 from tract_bench.config import resolve_precision
 from tract_bench.tract import apply_tract
 from tract_bench.train import AUTOCAST, device_name
@@ -101,10 +100,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.top < 1 or (args.batch is not None and args.batch < 1):
         p.error("--steps, --top and --batch must be >= 1, --warmup >= 0")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        keep_freed_memory()
-    torch.backends.cudnn.benchmark = True
+    device = training_device()
     r = profile_step(args.model, args.tract, args.steps, args.warmup, args.batch, device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     best = max(r["gflops_matmul"], r["gflops_conv3x3"])

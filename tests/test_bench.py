@@ -226,7 +226,7 @@ def test_step_profile_counts_forward_and_backward_work(monkeypatch, tmp_path):
     which the image does not need. On a CPU the script keeps freed memory, as a tract-train run does."""
     from torch.utils.flop_counter import FlopCounterMode
     calls = []
-    monkeypatch.setattr(step_profile, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(bench_tract, "keep_freed_memory", lambda: calls.append(1))
     out = tmp_path / "profile.txt"
     result = step_profile.main(["--steps", "2", "--warmup", "1", "--batch", "2", "--top", "3", "--out", str(out)])
     counter = FlopCounterMode(display=False)
