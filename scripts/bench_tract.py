@@ -7,8 +7,9 @@ TrAct steps alternate in ABBA order (B T T B B T ...), so drift, thermal state a
 machine hit both alike; the report is the median step time of each after --warmup untimed steps per side.
 
 Models: the paper's CIFAR ResNet-18 (3x3 stem, n=27, batch 128, 32^2), the CIFAR ViT (patch 4, n=48, batch
-128) and an ImageNet ResNet-50 (7x7 stem, n=147, 224^2; batch 32 on CPU, 256 on CUDA), channels_last as
-tract-train's default. On CUDA: bf16 autocast, then fp16 autocast with a GradScaler; on CPU: fp32, with freed memory
+128) and an ImageNet ResNet-50 (7x7 stem, n=147, 224^2; batch 32 on CPU, 256 on CUDA), in tract-train's default
+layout: NHWC on CUDA; on a CPU the one tract_bench.layout times fastest for the baseline, which its TrAct twin
+gets too, so that the overhead is TrAct's alone. On CUDA: bf16 autocast, then fp16 autocast with a GradScaler; on CPU: fp32, with freed memory
 kept for reuse as a CPU run keeps it.
 
 Targets (printed PASS/MISS, never asserted): TrAct overhead <= 3 % on the CIFAR ResNet-18 and <= 2 % on the
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from tract_bench import layout
 from tract_bench.allocator import keep_freed_memory
 from tract_bench.config import default_channels_last
 from tract_bench.models import ViTCifar, resnet_cifar
@@ -76,8 +78,8 @@ def timed(fn, device) -> float:
 
 
 def setup(name, batch, device):
-    """MODELS[name] built from SEED (on the CPU, for the caller to wrap and move) and one fixed synthetic batch
-    for it on `device`, in tract-train's layout there: (model, x, y, memory_format)."""
+    """MODELS[name] built from SEED (on the CPU, for the caller to wrap, then `place`) and one fixed synthetic batch
+    for it on `device`, in the layout tract-train's loader gives there: (model, x, y)."""
     build, classes, size, cpu_batch, cuda_batch = MODELS[name]
     batch = batch or (cuda_batch if device.type == "cuda" else cpu_batch)
     memory_format = torch.channels_last if default_channels_last(device) else torch.contiguous_format
@@ -86,7 +88,13 @@ def setup(name, batch, device):
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=memory_format)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
-    return model, x, y, memory_format
+    return model, x, y
+
+
+def place(model, name, x) -> str | None:
+    """Move the model to x's device (the CPU or a GPU) in the layout tract-train's `channels_last: auto` gives it
+    there: NHWC on a GPU, on a CPU the layout timed fastest (tract_bench.layout). Returns its `nchw_from`."""
+    return layout.auto(model.to(x.device).train(), tuple(x.shape), MODELS[name][1])
 
 
 def train_step(model, optimizer, scaler, x, y, amp_dtype):
@@ -112,13 +120,15 @@ def time_interleaved(models, x, y, amp_dtype, scaled, steps, warmup, device) -> 
 
 
 def bench_model(name, args, device) -> list[dict]:
-    baseline, x, y, memory_format = setup(name, args.batch, device)
+    baseline, x, y = setup(name, args.batch, device)
     batch, size = x.shape[0], x.shape[-1]
     tract = copy.deepcopy(baseline)
     layer = apply_tract(tract, LAM, input_size=tuple(x.shape[1:]))
     n = tract.get_submodule(layer).weight[0].numel()
-    models = [m.to(device, memory_format=memory_format).train() for m in (baseline, tract)]
-    layout = "+channels_last" if memory_format == torch.channels_last else ""
+    nchw_from = place(baseline, name, x)
+    layout.apply(tract.to(device).train(), nchw_from)  # the baseline's layout: the overhead is TrAct's own
+    models = [baseline, tract]
+    layout_name = "+" + layout.describe(baseline, nchw_from)
     rows = []
     for label, amp_dtype, scaled in PRECISIONS[device.type]:
         base_t, tract_t = time_interleaved(models, x, y, amp_dtype, scaled, args.steps, args.warmup, device)
@@ -127,7 +137,7 @@ def bench_model(name, args, device) -> list[dict]:
         overhead = 100 * (tr / base - 1)
         target = TARGETS.get(name)
         rows.append({"device": device_name(device), "torch": torch.__version__, "model": name, "batch": batch,
-                     "image_size": size, "precision": label + layout, "steps": args.steps,
+                     "image_size": size, "precision": label + layout_name, "steps": args.steps,
                      "ms_step_baseline": round(1000 * base, 3), "ms_step_tract": round(1000 * tr, 3),
                      "overhead_pct": round(overhead, 2), "noise_pct": round(100 * (q3 - q1) / base, 2),
                      "tract_layer": layer, "tract_n": n, "target_pct": target if target is not None else "",

@@ -5,8 +5,9 @@ images/second over full training steps (data, forward, backward, optimizer, sche
 
   fast       tract-train's loop: the uint8 set held on the device, DeviceLoader's batched crop + flip +
              normalisation, tract_bench.train.train_epoch (no per-step host sync), with tract-train's
-             defaults: channels_last on CUDA and CPU; bf16 autocast on Ampere or newer GPUs (fp16 on older
-             ones), fp32 on CPU (--precision picks another, as precision= does). Optimizer and schedule
+             defaults: channels_last on CUDA, on a CPU channels_last up to the stage from which NCHW was
+             timed faster (tract_bench.layout); bf16 autocast on Ampere or newer GPUs (fp16 on older ones),
+             fp32 on CPU (--precision picks another, as precision= does). Optimizer and schedule
              from conf/optim/sgd_cosine.yaml.
   reference  scripts/reference_loop.py: PIL images through torchvision transforms in DataLoader workers,
              fp32, SGD momentum 0.9 lr 0.08, CosineAnnealingLR stepped per iteration, loss.item() per step.
@@ -59,6 +60,7 @@ from omegaconf import OmegaConf
 
 from reference_loop import (TEST_BATCH, CifarImages, TEST_TRANSFORM, TRAIN_TRANSFORM, reference_evaluate,
                             reference_loader, reference_optimizer, reference_train_steps)
+from tract_bench import layout
 from tract_bench.allocator import keep_freed_memory
 from tract_bench.config import default_channels_last, resolve_precision
 from tract_bench.data import ImageData, balanced_subset, load_cifar
@@ -85,12 +87,6 @@ DEFAULTS = {"cuda": dict(steps=200, warmup=20, reps=5), "cpu": dict(steps=10, wa
 CPU_MIN_RATIO, GPU_MIN_RATIO, GPU_MAX_EPOCH_S, GPU_MAX_OVERHEAD = 1.2, 3.0, 1.5, 3.0
 
 
-def fast_label(args, device) -> str:
-    """The fast loop's settings in words, e.g. 'bf16+channels_last+compile'."""
-    return "+".join([resolve_precision(args.precision, device)] + ["channels_last"] * default_channels_last(device)
-                    + ["compile"] * args.compile)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -99,11 +95,22 @@ def sync(device):
 class FastLoop:
     """tract-train's path, as tract_bench.train.run wires it."""
 
-    def __init__(self, model, data, batch, device, total_steps, precision="auto", compile_model=False, seed=SEED):
+    def __init__(self, model, data, batch, device, total_steps, precision="auto", compile_model=False, seed=SEED,
+                 nchw_from="auto"):
         self.device = device
         self.amp_dtype = AUTOCAST[resolve_precision(precision, device)]
         channels_last = default_channels_last(device)
-        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.model = model.to(device)
+        self.nchw_from = None
+        if channels_last:  # tract-train's channels_last: auto, or a given layout (the baseline's, for its TrAct twin)
+            shape = (batch, 3, DATASET.image_size, DATASET.image_size)
+            self.nchw_from = (layout.auto(self.model, shape, DATASET.num_classes, self.amp_dtype)
+                              if nchw_from == "auto" else nchw_from)
+            layout.apply(self.model, self.nchw_from)
+        # the settings in words, e.g. 'bf16+channels_last+compile'
+        self.label = "+".join([resolve_precision(precision, device),
+                               layout.describe(self.model, self.nchw_from) if channels_last else "nchw"]
+                              + ["compile"] * compile_model)
         aug = DATASET.augment
         self.loader = DeviceLoader(data.train_x, data.train_y, batch, DATASET.mean, DATASET.std, device=device,
                                    train=True, crop_padding=aug.crop_padding, hflip=aug.hflip,
@@ -184,9 +191,11 @@ def build_loops(args, models, data, device, total_steps, seed=SEED, kinds=LOOPS)
                 model = copy.deepcopy(init)
                 if lam is not None:
                     apply_tract(model, lam)
-                if loop == "fast":
+                if loop == "fast":  # TrAct in the baseline's layout: the overhead is TrAct's own
+                    twin = loops.get((name, "baseline", loop))
                     loops[name, method, loop] = FastLoop(model, data, args.batch_size, device, total_steps,
-                                                         args.precision, args.compile, seed)
+                                                         args.precision, args.compile, seed,
+                                                         twin.nchw_from if twin else "auto")
                 else:
                     loops[name, method, loop] = ReferenceLoop(model, train_set, test_set, args.batch_size, device,
                                                               total_steps, seed)
@@ -312,7 +321,8 @@ def paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def summarise(ips: dict, args, device, data_label, timing) -> list[dict]:
+def summarise(ips: dict, labels: dict, args, device, data_label, timing) -> list[dict]:
+    """One row per (model, method, loop) of `ips` (images/s per repetition); `labels`: the fast loops' settings."""
     rows = []
     for (name, method, loop), rates in ips.items():
         rate = statistics.median(rates)
@@ -321,7 +331,7 @@ def summarise(ips: dict, args, device, data_label, timing) -> list[dict]:
         rows.append({
             "device": device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "data": data_label, "model": name, "method": method, "loop": loop,
-            "precision": fast_label(args, device) if loop == "fast" else "fp32",
+            "precision": labels[name, method] if loop == "fast" else "fp32",
             "batch": args.batch_size, "timing": timing, "images_per_s": round(rate, 1),
             # a CIFAR-10 training epoch (390 steps of 128) at this rate
             "epoch_s": round((CIFAR_TRAIN // args.batch_size) * args.batch_size / rate, 3),
@@ -490,9 +500,10 @@ def main(argv=None):
                         ips[name, method, loop].append(rate)
                         print(f"rep {rep + 1}/{args.reps}  {name:15s} {method:8s} {loop:9s} {rate:9.1f} images/s",
                               flush=True)
+        labels = {key[:2]: loop.label for key, loop in loops.items() if key[2] == "fast"}
     del loops  # frees their memory before the accuracy runs
 
-    rows = summarise(ips, args, device, data_label, timing)
+    rows = summarise(ips, labels, args, device, data_label, timing)
     checks = check_targets(rows, device)
     header = [f"- device: {device_name(device)}",
               f"- torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}",

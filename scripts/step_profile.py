@@ -1,13 +1,13 @@
 """Where one training step's time goes, and how close it runs to the device's rate on large dense products.
 
 The step is bench_tract.py's (forward, backward, SGD on one fixed synthetic batch, so no data pipeline) with
-tract-train's defaults for the device: channels_last; bf16 autocast on CUDA from Ampere on, fp32 on CPU, where
-freed memory is kept for reuse as a CPU run does. Printed:
+tract-train's defaults for the device: the `channels_last: auto` layout (on a CPU the one timed fastest); bf16
+autocast on CUDA from Ampere on, fp32 on CPU, where freed memory is kept for reuse as a CPU run does. Printed:
   - the step's floating-point work (torch.utils.flop_counter: convolutions and matrix products, forward and
     backward), its median time, and the rate that makes;
-  - the device's rate on a large square matrix product and on a large 3x3 convolution in the step's precision
-    and layout: the practical ceiling of a step whose time is convolutions and matrix products. A step near it
-    can only get faster by doing less work (fewer FLOPs, lower precision), not by a better loop;
+  - the device's rate on a large square matrix product and on a large 3x3 convolution (in the faster layout) in
+    the step's precision: the practical ceiling of a step whose time is convolutions and matrix products. A step
+    near it can only get faster by doing less work (fewer FLOPs, lower precision), not by a better loop;
   - torch.profiler's ops by self time (device time on CUDA).
 
   python scripts/step_profile.py [--model resnet18_cifar] [--tract] [--steps 10] [--top 15] [--out FILE]
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_tract import LAM, LR, MODELS, MOMENTUM, setup, sync, timed, train_step, training_device
+from bench_tract import LAM, LR, MODELS, MOMENTUM, place, setup, sync, timed, train_step, training_device
+from tract_bench import layout
 from tract_bench.config import resolve_precision
 from tract_bench.tract import apply_tract
 from tract_bench.train import AUTOCAST, device_name
@@ -42,26 +43,31 @@ def best_rate(fn, flops, device, reps=5) -> float:
     return calls * flops / statistics.median(times)
 
 
-def dense_rates(device, dtype, memory_format) -> dict:
+def dense_rates(device, dtype) -> dict:
     """The device's rate on two large dense products in the step's precision: a square matrix product, and a
-    3x3 convolution (batch 128, 256 -> 256 channels, 16x16, the step's layout), which the CPU's oneDNN can run
-    faster than its matrix product."""
+    3x3 convolution (batch 128, 256 -> 256 channels, 16x16, in the faster of NHWC and NCHW), which the CPU's
+    oneDNN can run faster than its matrix product."""
     size = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    x = torch.randn(128, 256, 16, 16, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    x = torch.randn(128, 256, 16, 16, device=device, dtype=dtype)
+    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype)
+
+    def conv_rate(memory_format):
+        xf, wf = x.contiguous(memory_format=memory_format), w.contiguous(memory_format=memory_format)
+        return best_rate(lambda: F.conv2d(xf, wf, padding=1), 2 * x.numel() * 256 * 9, device)
+
     with torch.no_grad():
         return {"matmul": best_rate(lambda: a @ b, 2 * size**3, device),
-                "conv3x3": best_rate(lambda: F.conv2d(x, w, padding=1), 2 * x.numel() * 256 * 9, device)}
+                "conv3x3": max(conv_rate(torch.channels_last), conv_rate(torch.contiguous_format))}
 
 
 def profile_step(model_name, tract, steps, warmup, batch, device) -> dict:
     precision = resolve_precision("auto", device)
     amp_dtype = AUTOCAST[precision]
-    model, x, y, memory_format = setup(model_name, batch, device)
+    model, x, y = setup(model_name, batch, device)
     if tract:
         apply_tract(model, LAM, input_size=tuple(x.shape[1:]))
-    model = model.to(device, memory_format=memory_format).train()
+    nchw_from = place(model, model_name, x)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -80,9 +86,9 @@ def profile_step(model_name, tract, steps, warmup, batch, device) -> dict:
             step()
         sync(device)
     flops = counter.get_total_flops()
-    dense = dense_rates(device, amp_dtype or torch.float32, memory_format)
+    dense = dense_rates(device, amp_dtype or torch.float32)
     return {"device": device_name(device), "model": model_name, "tract": tract, "batch": x.shape[0],
-            "precision": precision + ("+channels_last" if memory_format == torch.channels_last else ""),
+            "precision": f"{precision}+{layout.describe(model, nchw_from)}",
             "flops_per_step": flops, "ms_per_step": 1000 * seconds, "images_per_second": x.shape[0] / seconds,
             "gflops_achieved": flops / seconds / 1e9, "gflops_matmul": dense["matmul"] / 1e9,
             "gflops_conv3x3": dense["conv3x3"] / 1e9, "profile": prof.key_averages()}

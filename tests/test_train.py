@@ -85,7 +85,8 @@ def test_one_epoch_writes_the_whole_run_folder(tiny_cifar10_root, tmp_path, caps
     assert summary["data"]["test_images"] == 100 and summary["final"]["test_top1"] == float(rows[0]["test_top1"])
     for key in ("device", "torch", "timm", "git_commit", "wall_seconds"):
         assert key in summary
-    assert "epoch 1/1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and f"layout: {summary['layout']}, the fastest of 6 timed on this CPU" in out
 
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
     assert train.run(cfg) == folder  # the same command again: skipped, nothing rewritten
@@ -125,6 +126,32 @@ def test_interrupted_run_resumes_to_identical_metrics(tiny_cifar10_root, tmp_pat
     assert results(folder) == results(whole) and len(results(folder)) == 3
     a, b = (torch.load(f / "checkpoints" / "last.pt", weights_only=False)["model"] for f in (whole, folder))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cpu_layout_is_timed_once_and_kept_on_resume(tiny_cifar10_root, tmp_path, monkeypatch):
+    """channels_last=auto on a CPU: the layout is timed before the first epoch, on the run's batch shape; the
+    checkpoint keeps it, and a resumed run takes it from there without timing again."""
+    calls = []
+    monkeypatch.setattr(train.layout, "tune", lambda model, shape, classes, amp: calls.append((shape, classes))
+                        or "layer3")
+    cfg = tiny_run(tiny_cifar10_root, tmp_path, "epochs=2")
+    run_interrupted(cfg, 2, monkeypatch)
+    assert calls == [((20, 3, 32, 32), 10)]
+    folder = train.run(cfg)
+    assert len(calls) == 1
+    assert json.loads((folder / "summary.json").read_text())["layout"] == "channels_last (nchw from layer3)"
+    assert torch.load(folder / "checkpoints" / "last.pt", weights_only=False)["nchw_from"] == "layer3"
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["channels_last=true"], "channels_last"),
+    (["channels_last=false"], "nchw"),
+    (["deterministic=true"], "channels_last"),
+    (["precision=fp16", "data.train_subset=20", "data.test_subset=10"], "channels_last")])
+def test_layouts_that_are_not_timed(tiny_cifar10_root, tmp_path, monkeypatch, overrides, expected):
+    monkeypatch.setattr(train.layout, "tune", lambda *a: pytest.fail("the layout was timed"))
+    folder = train.run(tiny_run(tiny_cifar10_root, tmp_path, *overrides))
+    assert json.loads((folder / "summary.json").read_text())["layout"] == expected
 
 
 def test_resume_refuses_a_different_precision(tiny_cifar10_root, tmp_path, monkeypatch):

@@ -29,8 +29,9 @@ def register_resolvers():
 
 
 def default_channels_last(device) -> bool:
-    """What `channels_last: auto` means: on for CUDA and CPU, where cuDNN's tensor-core and oneDNN's convolutions
-    both run fastest on NHWC (ResNet-18 CIFAR training step on a 2-core EPYC: 0.74 -> 0.61 s); off elsewhere."""
+    """Whether `channels_last: auto` lays the data and model out NHWC: on CUDA, where cuDNN's tensor-core
+    convolutions run fastest on it, and on a CPU, where tract_bench.layout then times from which stage on NCHW is
+    faster (oneDNN's best layout depends on the CPU and the feature-map size); off elsewhere."""
     return device.type in ("cuda", "cpu")
 
 

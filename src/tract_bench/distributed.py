@@ -33,6 +33,15 @@ def sum_all(*values: torch.Tensor) -> list[torch.Tensor]:
     return list(packed.unbind())
 
 
+def from_rank0(value):
+    """Rank 0's `value` on every rank (e.g. a choice only rank 0 timed); the value itself in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def rank0_first():
     """Rank 0 runs the block first (e.g. a download into a shared folder), the other ranks after it."""

@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from tqdm import tqdm
 
-from tract_bench import distributed, rundir
+from tract_bench import distributed, layout, rundir
 from tract_bench.allocator import keep_freed_memory
 from tract_bench.config import channels_last, resolve_precision, validate
 from tract_bench.data import balanced_subset, load_cifar
@@ -177,6 +177,25 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, criterion, amp_dtyp
     return loss_sum / taken, 100 * correct / taken, int(seen), int(skipped)
 
 
+def choose_layout(cfg, model, state, *, batch, num_classes, amp_dtype, main) -> str | None:
+    """Under `channels_last: auto`, the child of the model from which on it runs NCHW rather than NHWC
+    (tract_bench.layout; None: nowhere). Where `layout.timed_here` (a CPU, not deterministic, not fp16), rank 0
+    times it once per run and every rank takes its choice; the checkpoint keeps it for a resumed run."""
+    device = next(model.parameters()).device
+    if cfg.channels_last != "auto" or not layout.timed_here(device, amp_dtype, cfg.deterministic):
+        return None
+    if state is not None:
+        return state.get("nchw_from")  # None in checkpoints from before the layout was timed: NHWC, as then
+    choice = None
+    if main:
+        t0, size = time.perf_counter(), cfg.dataset.image_size
+        choice = layout.tune(model, (batch, 3, size, size), num_classes, amp_dtype)
+        print(f"layout: {layout.describe(model, choice)}, the fastest of {len(layout.switch_points(model)) + 1} "
+              f"timed on this CPU ({time.perf_counter() - t0:.1f} s; channels_last=true|false skips this)",
+              flush=True)
+    return distributed.from_rank0(choice)
+
+
 def run(cfg) -> Path:
     """Train the configured run (or resume it, or skip it when finished); return its folder.
 
@@ -212,7 +231,13 @@ def run(cfg) -> Path:
         except ValueError as e:
             raise UserError(str(e)) from None
         tract = {"layer": layer, "n": model.get_submodule(layer).weight[0].numel(), "lam": cfg.tract.lam}
-    model.to(device, memory_format=torch.channels_last if channels_last(cfg, device) else torch.contiguous_format)
+    model.to(device, memory_format=torch.contiguous_format)
+    state = rundir.load_checkpoint(folder)
+    nchw_from, layout_name = None, "nchw"
+    if channels_last(cfg, device):
+        nchw_from = choose_layout(cfg, model, state, batch=cfg.batch_size // world_size, num_classes=num_classes,
+                                  amp_dtype=amp_dtype, main=main)
+        layout_name = layout.describe(layout.apply(model, nchw_from), nchw_from)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -225,7 +250,6 @@ def run(cfg) -> Path:
         forward = torch.compile(forward)
 
     start_epoch, wall, rows = 0, 0.0, []
-    state = rundir.load_checkpoint(folder)
     if state is not None:  # resume exactly: weights, optimizer, schedule, scaler, RNG; data order is f(seed, epoch)
         if state["precision"] != precision:  # e.g. precision=auto started on a CPU, resumed on a GPU
             raise UserError(f"{folder} was trained in {state['precision']} so far, this machine would continue in "
@@ -250,8 +274,8 @@ def run(cfg) -> Path:
     show_progress = main and (sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress))
     logfile = open(folder / "log.txt", "a") if main else None
     if main:
-        print(f"run folder: {folder}  ({device_name(device)} x{world_size}, {precision}, TrAct: {tract or 'off'})",
-              flush=True)
+        print(f"run folder: {folder}  ({device_name(device)} x{world_size}, {precision}, {layout_name}, "
+              f"TrAct: {tract or 'off'})", flush=True)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
@@ -271,6 +295,7 @@ def run(cfg) -> Path:
             rundir.save_checkpoint(folder, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "wall_seconds": wall, "precision": precision,
+                "nchw_from": nchw_from,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
             line = (f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2f}%  "
@@ -293,7 +318,7 @@ def run(cfg) -> Path:
         "epochs_completed": int(last["epoch"]),
         "final": {k: float(last[k]) for k in ("test_top1", "test_top5", "test_loss", "train_loss", "train_acc")},
         "wall_seconds": round(wall, 3), "device": device_name(device), "world_size": world_size,
-        "precision": precision, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "precision": precision, "layout": layout_name, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "timm": timm.__version__, "python": platform.python_version(), "git_commit": git_commit(), "tract": tract,
         "normalization": {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}, "data": meta,
     })
