@@ -9,8 +9,8 @@ machine hit both alike; the report is the median step time of each after --warmu
 Models: the paper's CIFAR ResNet-18 (3x3 stem, n=27, batch 128, 32^2), the CIFAR ViT (patch 4, n=48, batch
 128) and an ImageNet ResNet-50 (7x7 stem, n=147, 224^2; batch 32 on CPU, 256 on CUDA), in tract-train's default
 layout: NHWC on CUDA; on a CPU the one tract_bench.layout times fastest for the baseline, which its TrAct twin
-gets too, so that the overhead is TrAct's alone. On CUDA: bf16 autocast, then fp16 autocast with a GradScaler; on CPU: fp32, with freed memory
-kept for reuse as a CPU run keeps it.
+gets too, so that the overhead is TrAct's alone. On CUDA: bf16 autocast, then fp16 autocast with a GradScaler; on
+CPU: fp32, with freed memory kept for reuse as a CPU run keeps it.
 
 Targets (printed PASS/MISS, never asserted): TrAct overhead <= 3 % on the CIFAR ResNet-18 and <= 2 % on the
 CIFAR ViT. (The paper reports +9.7 % for its CIFAR ViT and 0.08-0.25 % for ImageNet ViTs, paper section 4.6.)

@@ -1,6 +1,6 @@
 """How far autocast's weight gradients are from fp32's: one batch, one initialisation, relative L2 error per tensor.
 
-ResNet-18 (the paper's CIFAR variant, channels_last as tract-train runs it) at its initialisation, one batch of
+ResNet-18 (the paper's CIFAR variant, in NHWC as tract-train runs it on a GPU) at its initialisation, one batch of
 N(0, 1) images with random labels. For bf16 and fp16 autocast it prints the median and largest relative error
 ||g - g_fp32|| / ||g_fp32|| over the parameter tensors, and the stem conv's; for scale, fp32 in NCHW against
 fp32 in NHWC (the same arithmetic in another order). Errors far above the format's rounding (bf16 0.4 %,

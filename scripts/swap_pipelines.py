@@ -1,7 +1,7 @@
 """Diagnostic for bench_train.py's accuracy check: train one loop on the other loop's batches.
 
 When the fast loop and the reference loop end at different test accuracies, the cause is either the data
-pipeline (DeviceLoader vs PIL transforms in DataLoader workers) or the training step (channels_last model and
+pipeline (DeviceLoader vs PIL transforms in DataLoader workers) or the training step (the fast loop's layout and
 LambdaLR vs a contiguous model and CosineAnnealingLR). This trains, from the same initialisation per seed as
 bench_train.py's --accuracy-seeds, either the reference loop on the fast loop's batches (same order and
 augmentation as the fast loop's run with that seed) or the fast loop on the reference loop's batches, and

@@ -26,7 +26,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_tract_preconditions_the_autocast_gradient_in_fp32(device, dtype):
-    """In channels_last (tract-train's default layout) and under autocast, where the plain weight gradient comes
+    """In channels_last (tract-train's layout on a GPU) and under autocast, where the plain weight gradient comes
     from the low-precision kernel, TrAct must precondition exactly that gradient with an fp32 Gram (of the fp32
     input) and an fp64 solve."""
     g = torch.Generator().manual_seed(0)
