@@ -319,7 +319,8 @@ def run(cfg) -> Path:
         "final": {k: float(last[k]) for k in ("test_top1", "test_top5", "test_loss", "train_loss", "train_acc")},
         "wall_seconds": round(wall, 3), "device": device_name(device), "world_size": world_size,
         "precision": precision, "layout": layout_name, "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "timm": timm.__version__, "python": platform.python_version(), "git_commit": git_commit(), "tract": tract,
+        "torchvision": torchvision.__version__, "timm": timm.__version__, "python": platform.python_version(),
+        "git_commit": git_commit(), "tract": tract,
         "normalization": {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}, "data": meta,
     })
     print(f"done: {folder}  final test top1 {float(last['test_top1']):.2f}%", flush=True)
