@@ -22,7 +22,7 @@ all of them alike; each reported ratio is the median over repetitions of that re
 --epochs E times E whole epochs per repetition instead, each a fresh pass over its loader (the reference
 pays its worker start-up every epoch, as the official script does).
 
-Targets (checked below and printed PASS/MISS, never asserted):
+Targets (checked in bench_report.py and printed PASS/MISS, never asserted):
   CPU            fast >= 1.2x the reference loop on ResNet-18
   GPU (H200)     fast >= 3x the reference loop on ResNet-18; one ResNet-18 CIFAR-10 epoch (390 steps of 128)
                  <= 1.5 s; TrAct overhead in the fast loop <= 3 %
@@ -45,21 +45,17 @@ of CIFAR-10's shape (fine for throughput, refused for --accuracy-epochs).
 import argparse
 import contextlib
 import copy
-import csv
 import multiprocessing
 import os
-import platform
-import statistics
 import time
 from itertools import islice, product
 from pathlib import Path
 
 import torch
-import torchvision
 from omegaconf import OmegaConf
 
-from reference_loop import (TEST_BATCH, CifarImages, TEST_TRANSFORM, TRAIN_TRANSFORM, reference_evaluate,
-                            reference_loader, reference_optimizer, reference_train_steps)
+from bench_report import CIFAR_TRAIN, check_targets, header_lines, markdown, summarise, write_csv
+from reference_loop import CifarImages, ReferenceLoop, TEST_TRANSFORM, TRAIN_TRANSFORM
 from tract_bench import layout
 from tract_bench.allocator import keep_freed_memory
 from tract_bench.config import default_channels_last, resolve_precision
@@ -79,12 +75,11 @@ MODELS = {"resnet18_cifar": lambda: resnet_cifar("resnet18", 10), "vit_cifar": l
 METHODS = {"baseline": None, "tract": 0.1}  # TrAct's lambda
 LOOPS = ("fast", "reference")
 BATCH = 128
-CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+CIFAR_TEST = 10_000
 EVAL_BATCH = 1000
 SEED = 0
 # Per device: a GPU step takes milliseconds, so it needs many steps per timing; a CPU step takes about a second.
 DEFAULTS = {"cuda": dict(steps=200, warmup=20, reps=5), "cpu": dict(steps=10, warmup=2, reps=3)}
-CPU_MIN_RATIO, GPU_MIN_RATIO, GPU_MAX_EPOCH_S, GPU_MAX_OVERHEAD = 1.2, 3.0, 1.5, 3.0
 
 
 def sync(device):
@@ -139,29 +134,6 @@ class FastLoop:
 
     def test_top1(self) -> float:
         return evaluate(self.forward, self.test_loader, self.amp_dtype, self.device)[1]
-
-
-class ReferenceLoop:
-    """The official script's path (scripts/reference_loop.py); datasets are shared, loaders are its own."""
-
-    def __init__(self, model, train_set, test_set, batch, device, total_steps, seed=SEED):
-        self.device, self.model = device, model.to(device)
-        self.loader = reference_loader(train_set, batch, train=True, seed=seed)
-        self.test_loader = reference_loader(test_set, TEST_BATCH, train=False)
-        self.optimizer, self.scheduler = reference_optimizer(self.model, total_steps)
-
-    def batches(self):
-        """Training batches without end; each pass over the DataLoader starts its workers anew."""
-        while True:
-            yield from self.loader
-
-    def train(self, batches) -> float:
-        torch.backends.cudnn.benchmark = False  # the official script leaves cuDNN's default
-        return statistics.fmean(reference_train_steps(self.model, batches, self.optimizer, self.scheduler,
-                                                      self.device))
-
-    def test_top1(self) -> float:
-        return reference_evaluate(self.model, self.test_loader, self.device)
 
 
 def load_data(root, synthetic_sizes=(CIFAR_TRAIN, CIFAR_TEST)) -> tuple[ImageData, bool]:
@@ -317,55 +289,6 @@ def measure(loop, batch, warmup, steps, epochs, device) -> float:
     return (epochs * steps_per_epoch if epochs else steps) * batch / seconds
 
 
-def paired(a: list[float], b: list[float]) -> float:
-    """Median over repetitions of a[i] / b[i]: runs of one repetition were close in time, so drift cancels."""
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
-def summarise(ips: dict, labels: dict, args, device, data_label, timing) -> list[dict]:
-    """One row per (model, method, loop) of `ips` (images/s per repetition); `labels`: the fast loops' settings."""
-    rows = []
-    for (name, method, loop), rates in ips.items():
-        rate = statistics.median(rates)
-        ratio = paired(rates, ips[name, method, "reference"])
-        overhead = 100 * (paired(ips[name, "baseline", loop], rates) - 1) if method == "tract" else None
-        rows.append({
-            "device": device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "data": data_label, "model": name, "method": method, "loop": loop,
-            "precision": labels[name, method] if loop == "fast" else "fp32",
-            "batch": args.batch_size, "timing": timing, "images_per_s": round(rate, 1),
-            # a CIFAR-10 training epoch (390 steps of 128) at this rate
-            "epoch_s": round((CIFAR_TRAIN // args.batch_size) * args.batch_size / rate, 3),
-            "ratio_to_reference": round(ratio, 3),
-            "tract_overhead_pct": "" if overhead is None else round(overhead, 2)})
-    return rows
-
-
-def check_targets(rows: list[dict], device) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for each target that applies to this device and these models."""
-    by = {(r["model"], r["method"], r["loop"]): r for r in rows}
-    checks = []
-    for method in METHODS:
-        fast = by.get(("resnet18_cifar", method, "fast"))
-        if fast is None:
-            continue
-        name = f"ResNet-18 {method} (fast loop: {fast['precision']})"  # targets are set for the default settings
-        if device.type == "cuda":
-            checks.append((f"{name}: fast >= {GPU_MIN_RATIO}x reference", f"{fast['ratio_to_reference']}x",
-                           fast["ratio_to_reference"] >= GPU_MIN_RATIO))
-            checks.append((f"{name}: CIFAR-10 epoch <= {GPU_MAX_EPOCH_S} s", f"{fast['epoch_s']} s",
-                           fast["epoch_s"] <= GPU_MAX_EPOCH_S))
-        else:
-            checks.append((f"{name}: fast >= {CPU_MIN_RATIO}x reference", f"{fast['ratio_to_reference']}x",
-                           fast["ratio_to_reference"] >= CPU_MIN_RATIO))
-    if device.type == "cuda":
-        for (name, method, loop), r in by.items():
-            if method == "tract" and loop == "fast":
-                checks.append((f"{name}: TrAct overhead (fast loop) <= {GPU_MAX_OVERHEAD} %",
-                               f"{r['tract_overhead_pct']} %", r["tract_overhead_pct"] <= GPU_MAX_OVERHEAD))
-    return checks
-
-
 def accuracy(args, data, device) -> list[dict]:
     """Train every (model, method, loop) for args.accuracy_epochs real epochs per seed; final test top-1 of each."""
     total = args.accuracy_epochs * (len(data.train_x) // args.batch_size)
@@ -382,53 +305,6 @@ def accuracy(args, data, device) -> list[dict]:
                 print(f"accuracy  seed {seed}  {name:15s} {method:8s} {loop_name:9s} "
                       f"top-1 {rows[-1]['test_top1']:.2f} %", flush=True)
     return rows
-
-
-def accuracy_table(acc_rows) -> list[str]:
-    """Mean +- std of test top-1 over seeds per (model, method, loop), and fast minus reference per (model, method)."""
-    top1 = {}
-    for r in acc_rows:
-        top1.setdefault((r["model"], r["method"], r["loop"]), []).append(r["test_top1"])
-    first = acc_rows[0]
-
-    def mean_std(values):
-        std = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-        return f"{statistics.fmean(values):.2f}{std}"
-
-    lines = ["", f"## Test top-1 after {first['epochs']} epochs on {first['train_images']} training images "
-             f"({len(set(r['seed'] for r in acc_rows))} seed(s); mean ± std over seeds)", "",
-             "| model | method | fast loop | reference loop | fast − reference | per seed (fast / reference) |",
-             "|---|---|---:|---:|---:|---|"]
-    for (name, method, loop), fast in top1.items():
-        if loop != "fast":
-            continue
-        ref = top1[name, method, "reference"]
-        seeds = ", ".join(f"{f:.2f} / {r:.2f}" for f, r in zip(fast, ref))
-        lines.append(f"| {name} | {method} | {mean_std(fast)} | {mean_std(ref)} | "
-                     f"{statistics.fmean(fast) - statistics.fmean(ref):+.2f} | {seeds} |")
-    return lines
-
-
-def markdown(rows, checks, acc_rows, header) -> str:
-    lines = ["# Training throughput: tract-train's loop vs the official script's loop", "", *header, "",
-             "| model | method | loop | precision | images/s | x reference | TrAct overhead | CIFAR-10 epoch |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        overhead = f"{r['tract_overhead_pct']:+.1f} %" if r["tract_overhead_pct"] != "" else ""
-        lines.append(f"| {r['model']} | {r['method']} | {r['loop']} | {r['precision']} | {r['images_per_s']:.0f} | "
-                     f"{r['ratio_to_reference']:.2f} | {overhead} | {r['epoch_s']:.2f} s |")
-    lines += ["", "Targets (PASS/MISS; measured, never asserted):", ""]
-    lines += [f"- {'PASS' if ok else 'MISS'}  {target}: {value}" for target, value, ok in checks] or ["- none apply"]
-    if acc_rows:
-        lines += accuracy_table(acc_rows)
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, rows: list[dict]):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv=None):
@@ -506,15 +382,7 @@ def main(argv=None):
 
     rows = summarise(ips, labels, args, device, data_label, timing)
     checks = check_targets(rows, device)
-    header = [f"- device: {device_name(device)}",
-              f"- torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}",
-              f"- data: {data_label}; batch {args.batch_size}",
-              f"- timing: {timing}; medians over reps of paired per-rep ratios",
-              "- reference: PIL + torchvision transforms in DataLoader workers, fp32, loss.item() per step "
-              "(scripts/reference_loop.py)",
-              "- processes: the reference loops run in a process of their own, with the C allocator's defaults; "
-              + ("the fast loop's process reuses freed memory, as tract-train's does on a CPU (tract_bench.allocator)"
-                 if reuse else "the fast loop's too")]
+    header = header_lines(device, data_label, args.batch_size, timing, reuse)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "bench.csv", rows)

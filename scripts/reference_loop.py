@@ -7,6 +7,7 @@ every iteration, and a host sync every step to log a scalar. Nothing here is tun
 """
 
 import os
+import statistics
 
 import numpy as np
 import torch
@@ -86,3 +87,26 @@ def reference_evaluate(model, loader, device) -> float:
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             total += len(y)
     return 100 * correct / total
+
+
+class ReferenceLoop:
+    """The functions above as one loop, with bench_train.FastLoop's interface; datasets are shared, loaders its own."""
+
+    def __init__(self, model, train_set, test_set, batch, device, total_steps, seed=0):
+        self.device, self.model = device, model.to(device)
+        self.loader = reference_loader(train_set, batch, train=True, seed=seed)
+        self.test_loader = reference_loader(test_set, TEST_BATCH, train=False)
+        self.optimizer, self.scheduler = reference_optimizer(self.model, total_steps)
+
+    def batches(self):
+        """Training batches without end; each pass over the DataLoader starts its workers anew."""
+        while True:
+            yield from self.loader
+
+    def train(self, batches) -> float:
+        torch.backends.cudnn.benchmark = False  # the official script leaves cuDNN's default
+        return statistics.fmean(reference_train_steps(self.model, batches, self.optimizer, self.scheduler,
+                                                      self.device))
+
+    def test_top1(self) -> float:
+        return reference_evaluate(self.model, self.test_loader, self.device)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_report  # noqa: E402
 import bench_tract  # noqa: E402
 import bench_train  # noqa: E402
 import grad_precision  # noqa: E402
@@ -39,7 +40,7 @@ def test_fast_and_reference_loops_agree_without_augmentation(tiny_cifar10_root):
     def loops(nchw_from="auto"):
         return (bench_train.FastLoop(copy.deepcopy(init), data, 16, CPU, total_steps=3, precision="fp32",
                                      nchw_from=nchw_from),
-                bench_train.ReferenceLoop(copy.deepcopy(init), test_set, test_set, 16, CPU, total_steps=3))
+                reference_loop.ReferenceLoop(copy.deepcopy(init), test_set, test_set, 16, CPU, total_steps=3))
 
     fast, ref = loops()
     # the test loaders: storage order, no augmentation
@@ -82,7 +83,7 @@ def test_train_loaders_agree_on_shape_and_normalisation(tiny_cifar10_root):
     data, _ = bench_train.load_data(tiny_cifar10_root)
     fast = bench_train.FastLoop(resnet_cifar("resnet18", 10), data, 32, CPU, total_steps=1)
     train_set = reference_loop.CifarImages(data.train_x, data.train_y, reference_loop.TRAIN_TRANSFORM)
-    ref = bench_train.ReferenceLoop(resnet_cifar("resnet18", 10), train_set, train_set, 32, CPU, total_steps=1)
+    ref = reference_loop.ReferenceLoop(resnet_cifar("resnet18", 10), train_set, train_set, 32, CPU, total_steps=1)
     assert len(fast.loader) == len(ref.loader) == len(data.train_x) // 32  # both drop the last partial batch
     xf, yf = next(fast.batches())
     xr, yr = next(ref.batches())
@@ -151,7 +152,7 @@ def test_accuracy_table_gives_mean_std_and_difference():
     rows = [{"model": "m", "method": "baseline", "loop": loop, "seed": seed, "epochs": 2, "train_images": 100,
              "test_top1": top1} for seed, (f, r) in enumerate([(50.0, 48.0), (52.0, 50.0)])
             for loop, top1 in (("fast", f), ("reference", r))]
-    table = bench_train.accuracy_table(rows)
+    table = bench_report.accuracy_table(rows)
     assert "| m | baseline | 51.00 ± 1.41 | 49.00 ± 1.41 | +2.00 | 50.00 / 48.00, 52.00 / 50.00 |" in table
 
 
@@ -166,15 +167,15 @@ def test_bench_train_summary_and_targets():
         batch_size = 128
 
     labels = {("resnet18_cifar", "baseline"): "fp32+nchw", ("resnet18_cifar", "tract"): "fp32+channels_last"}
-    rows = bench_train.summarise(ips, labels, Args, CPU, "synthetic", "test")
+    rows = bench_report.summarise(ips, labels, Args, CPU, "synthetic", "test")
     by = {(r["method"], r["loop"]): r for r in rows}
     assert [by["baseline", "fast"]["precision"], by["tract", "reference"]["precision"]] == ["fp32+nchw", "fp32"]
     assert by["baseline", "fast"]["ratio_to_reference"] == 3.0  # pairs 3.0, 2.0, 3.3
     assert by["tract", "fast"]["tract_overhead_pct"] == pytest.approx(100 * (300 / 290 - 1), abs=0.01)
     assert by["baseline", "fast"]["epoch_s"] == pytest.approx(390 * 128 / 300, abs=1e-3)
-    cpu_checks = bench_train.check_targets(rows, CPU)
+    cpu_checks = bench_report.check_targets(rows, CPU)
     assert [ok for _, _, ok in cpu_checks] == [True, True]
-    gpu_checks = bench_train.check_targets(rows, torch.device("cuda"))
+    gpu_checks = bench_report.check_targets(rows, torch.device("cuda"))
     assert len(gpu_checks) == 5  # ratio and epoch time per method, overhead of the one TrAct fast loop
     assert not any(ok for target, _, ok in gpu_checks if "epoch" in target)  # 166 s, not 1.5 s
 

@@ -6,7 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR10_CLASSES, dump_py2, make_archive, real_cifar_root, write_cifar
+from conftest import CIFAR10_CLASSES, dump_py2, make_archive, real_cifar_root
 
 from tract_bench import data
 from tract_bench.data import balanced_subset, load_cifar

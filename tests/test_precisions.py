@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from test_train import tiny_run
 from test_tract import dense_patches, reference_grad, rel_err
