@@ -19,11 +19,12 @@
 #   6. tract-train ResNet-18 in bf16 and in fp32, same seeds (PRECISION="overrides": default 4 epochs x seeds
 #      0,1; PRECISION="" skips it): whether bf16 autocast, the CUDA default, costs accuracy against fp32 (on a
 #      2-core CPU it trailed fp32 in most paired runs; results/README.md). Run folders (with checkpoints) go to
-#      /tmp/precision_runs, the tract-report tables to OUT_DIR/precision/{bf16,fp32}/
+#      RUNS_DIR (default /tmp/precision_runs), the tract-report tables to OUT_DIR/precision/{bf16,fp32}/
 # The short steps come first and the long accuracy runs last, so a run stopped at its time limit keeps the most.
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) must be importable, e.g.
 # installed from carried wheels into a folder on PYTHONPATH. Extra flags: TRACT_ARGS="..." (step 3),
-# BENCH_ARGS="..." (step 5).
+# PROFILE_ARGS="..." (step 4), BENCH_ARGS="..." (step 5). tests/test_bench.py runs it all on a CPU with tiny
+# settings (every step but nvidia-smi must pass), so that it is known to work before a GPU's scarce time is spent.
 set -uo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: bash scripts/device_check.sh CIFAR_DIR OUT_DIR" >&2
@@ -35,6 +36,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRACT_DATA="$data"
 ACCURACY=${ACCURACY---accuracy-epochs 4 --accuracy-seeds 2 --accuracy-models resnet18_cifar}
 PRECISION=${PRECISION-epochs=4 seed=0,1}
+RUNS_DIR=${RUNS_DIR-/tmp/precision_runs}
 status=0
 
 step() {  # step NAME COMMAND...: run, log to OUT_DIR/log.txt, remember a failure, go on with the next step
@@ -52,15 +54,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu
 step cuda-tests python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_precisions.py
 # shellcheck disable=SC2086  # TRACT_ARGS is a list of flags
 step bench-tract python3 scripts/bench_tract.py --out "$out/bench_tract.csv" ${TRACT_ARGS:-}
-step step-profile python3 scripts/step_profile.py --out "$out/step_profile.txt"
-# shellcheck disable=SC2086  # ACCURACY and BENCH_ARGS are lists of flags
+# shellcheck disable=SC2086  # PROFILE_ARGS, ACCURACY and BENCH_ARGS are lists of flags
+step step-profile python3 scripts/step_profile.py --out "$out/step_profile.txt" ${PROFILE_ARGS:-}
 step bench python3 scripts/bench_train.py --out-dir "$out" $ACCURACY ${BENCH_ARGS:-}
 if [ -n "$PRECISION" ]; then
     for p in bf16 fp32; do
         # shellcheck disable=SC2086  # PRECISION is a list of overrides
         step "precision-$p" python3 -m tract_bench.cli -m dataset=cifar10 model=resnet18 precision=$p $PRECISION \
-            out_dir=/tmp/precision_runs/$p progress=false
-        step "report-$p" python3 -m tract_bench.report /tmp/precision_runs/$p --out "$out/precision/$p"
+            out_dir="$RUNS_DIR/$p" progress=false
+        step "report-$p" python3 -m tract_bench.report "$RUNS_DIR/$p" --out "$out/precision/$p"
     done
 fi
 exit $status

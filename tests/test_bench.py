@@ -3,6 +3,9 @@
 import argparse
 import copy
 import csv
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -293,3 +296,27 @@ def test_grad_precision_orders_the_formats(capsys):
     median = {label: sorted(e.values())[len(e) // 2] for label, e in errors.items()}
     assert median["fp32 NCHW"] < median["fp16"] < median["bf16"]
     assert "stem conv" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_every_step_on_a_cpu(tiny_cifar10_root, tmp_path):
+    """scripts/device_check.sh is what a GPU session runs in its few minutes: every step but nvidia-smi must work here
+    (tiny settings), writing each file it promises."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TRACT_ARGS": "--steps 1 --warmup 0 --batch 2 --models resnet18_cifar",
+           "PROFILE_ARGS": "--steps 1 --warmup 0 --batch 8",
+           "BENCH_ARGS": "--steps 1 --warmup 0 --reps 1 --batch-size 32 --models resnet18_cifar",
+           "ACCURACY": "--accuracy-epochs 1 --accuracy-train-subset 100",
+           "PRECISION": "epochs=1 seed=0 batch_size=20 data.train_subset=100 data.eval_batch_size=50",
+           "RUNS_DIR": str(tmp_path / "runs")}
+    out = tmp_path / "out"
+    subprocess.run(["bash", "scripts/device_check.sh", str(tiny_cifar10_root), str(out)], cwd=repo, env=env,
+                   capture_output=True, text=True, timeout=900)
+    exits = dict(re.findall(r"^== (\S+): exit (\d+) after", (out / "log.txt").read_text(), re.M))
+    assert list(exits) == ["gpu", "cuda-tests", "bench-tract", "step-profile", "bench", "precision-bf16",
+                           "report-bf16", "precision-fp32", "report-fp32"]
+    assert all(code == "0" for step, code in exits.items() if step != "gpu"), exits
+    for name in ("bench.csv", "bench.md", "bench_accuracy.csv", "bench_tract.csv", "step_profile.txt",
+                 "precision/bf16/final.csv", "precision/fp32/final.csv"):
+        assert (out / name).stat().st_size > 0, name
