@@ -23,7 +23,9 @@
 # The short steps come first and the long accuracy runs last, so a run stopped at its time limit keeps the most.
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) must be importable, e.g.
 # installed from carried wheels into a folder on PYTHONPATH. Extra flags: TRACT_ARGS="..." (step 3),
-# PROFILE_ARGS="..." (step 4), BENCH_ARGS="..." (step 5). tests/test_bench.py runs it all on a CPU with tiny
+# PROFILE_ARGS="..." (step 4), BENCH_ARGS="..." (step 5). BUNDLE=FILE.tgz packs OUT_DIR into one archive after every
+# step: the device tool brings back at most 8 files from $OUT, and a run cut off at its time limit still returns
+# the steps it finished (BUNDLE=$OUT/device_check.tgz with OUT_DIR outside $OUT). tests/test_bench.py runs it all on a CPU with tiny
 # settings (every step but nvidia-smi must pass), so that it is known to work before a GPU's scarce time is spent.
 set -uo pipefail
 if [ $# -ne 2 ]; then
@@ -47,6 +49,7 @@ step() {  # step NAME COMMAND...: run, log to OUT_DIR/log.txt, remember a failur
     rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/log.txt"
     [ "$rc" -eq 0 ] || status=1
+    [ -z "${BUNDLE:-}" ] || tar -czf "$BUNDLE" -C "$out" .
 }
 
 step gpu nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -309,7 +310,7 @@ def test_device_check_script_runs_every_step_on_a_cpu(tiny_cifar10_root, tmp_pat
            "BENCH_ARGS": "--steps 1 --warmup 0 --reps 1 --batch-size 32 --models resnet18_cifar",
            "ACCURACY": "--accuracy-epochs 1 --accuracy-train-subset 100",
            "PRECISION": "epochs=1 seed=0 batch_size=20 data.train_subset=100 data.eval_batch_size=50",
-           "RUNS_DIR": str(tmp_path / "runs")}
+           "RUNS_DIR": str(tmp_path / "runs"), "BUNDLE": str(tmp_path / "bundle.tgz")}
     out = tmp_path / "out"
     subprocess.run(["bash", "scripts/device_check.sh", str(tiny_cifar10_root), str(out)], cwd=repo, env=env,
                    capture_output=True, text=True, timeout=900)
@@ -320,3 +321,5 @@ def test_device_check_script_runs_every_step_on_a_cpu(tiny_cifar10_root, tmp_pat
     for name in ("bench.csv", "bench.md", "bench_accuracy.csv", "bench_tract.csv", "step_profile.txt",
                  "precision/bf16/final.csv", "precision/fp32/final.csv"):
         assert (out / name).stat().st_size > 0, name
+    with tarfile.open(tmp_path / "bundle.tgz") as bundle:  # packed after the last step: everything
+        assert {f"./{p.relative_to(out)}" for p in out.rglob("*")} <= set(bundle.getnames())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Prepares, on this machine, what scripts/device_check.sh needs on a lent GPU machine (see the device tool's README):
+#
+#   bash scripts/device_prepare.sh CIFAR10_ARCHIVE     # e.g. ../shared/data/cifar-10-python.tar.xz
+#
+# It writes, into git-ignored folders of the repository root:
+#   .whl/     wheels of the packages that machine lacks: hydra-core, omegaconf, antlr4-python3-runtime (pure Python;
+#             the versions this checkout's .venv runs, else the pinned ones below)
+#   .devdata/ the CIFAR-10 archive in pieces of at most 60 MiB: one call carries at most 64 MiB, repository included
+# and prints the device calls that carry them, one piece per call, back to back (the machine goes back 30 s after
+# a call; what one call leaves in /tmp stays for the next while it is warm).
+set -euo pipefail
+if [ $# -ne 1 ] || [ ! -f "$1" ]; then
+    echo "usage: bash scripts/device_prepare.sh CIFAR10_ARCHIVE (the cifar-10-python .tar.gz or .tar.xz)" >&2
+    exit 2
+fi
+cd "$(git rev-parse --show-toplevel)"
+for folder in /.whl/ /.devdata/; do
+    grep -qxF "$folder" .git/info/exclude 2>/dev/null || echo "$folder" >> .git/info/exclude
+done
+python=.venv/bin/python
+[ -x "$python" ] || python=python3
+version() { "$python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || echo "$2"; }
+rm -rf .whl .devdata
+mkdir -p .whl .devdata
+"$python" -m pip wheel -q --no-deps -w .whl "hydra-core==$(version hydra-core 1.3.8)" \
+    "omegaconf==$(version omegaconf 2.3.1)" "antlr4-python3-runtime==$(version antlr4-python3-runtime 4.9.3)"
+name=$(basename "$1")
+split -b 60M "$1" ".devdata/$name.part-"
+pieces=(.devdata/*.part-*)
+echo "wheels: $(ls .whl | tr '\n' ' ')"
+echo "data: ${#pieces[@]} pieces of $name"
+echo
+echo "device calls (run's carry and command), back to back:"
+last=$((${#pieces[@]} - 1))
+for i in "${!pieces[@]}"; do
+    piece=${pieces[$i]}
+    if [ "$i" -lt "$last" ]; then
+        echo "  carry [\"$piece\"]"
+        echo "  command: mkdir -p /tmp/cifar && cp $piece /tmp/cifar/"
+    else
+        echo "  carry [\".whl\", \"$piece\"], timeout_s 600"
+        echo "  command: cp $piece /tmp/cifar/ && cat /tmp/cifar/$name.part-* > /tmp/cifar/$name &&" \
+             "rm /tmp/cifar/$name.part-* && python3 -m pip install -q --no-index --no-deps --no-compile" \
+             "--no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&" \
+             "BUNDLE=\$OUT/device_check.tgz bash scripts/device_check.sh /tmp/cifar /tmp/device_check"
+    fi
+done
