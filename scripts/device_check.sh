@@ -23,10 +23,12 @@
 # The short steps come first and the long accuracy runs last, so a run stopped at its time limit keeps the most.
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) must be importable, e.g.
 # installed from carried wheels into a folder on PYTHONPATH. Extra flags: TRACT_ARGS="..." (step 3),
-# PROFILE_ARGS="..." (step 4), BENCH_ARGS="..." (step 5). BUNDLE=FILE.tgz packs OUT_DIR into one archive after every
-# step: the device tool brings back at most 8 files from $OUT, and a run cut off at its time limit still returns
-# the steps it finished (BUNDLE=$OUT/device_check.tgz with OUT_DIR outside $OUT). tests/test_bench.py runs it all on a CPU with tiny
-# settings (every step but nvidia-smi must pass), so that it is known to work before a GPU's scarce time is spent.
+# PROFILE_ARGS="..." (step 4), BENCH_ARGS="..." (step 5).
+# BUNDLE=FILE.tgz (outside OUT_DIR) packs OUT_DIR into one archive after every step, replacing the last one whole:
+# the device tool brings back at most 8 files from $OUT, and a run cut off at its time limit still returns the steps
+# it finished (BUNDLE=$OUT/device_check.tgz, OUT_DIR elsewhere). scripts/device_prepare.sh prints such a call.
+# tests/test_bench.py runs it all on a CPU with tiny settings (every step but nvidia-smi must pass), so that it is
+# known to work before a GPU's scarce time is spent on it.
 set -uo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: bash scripts/device_check.sh CIFAR_DIR OUT_DIR" >&2
@@ -34,6 +36,11 @@ if [ $# -ne 2 ]; then
 fi
 data=$1
 out=$2
+case "$(realpath -m "${BUNDLE:-/}")" in
+    "$(realpath -m "$out")"/*)
+        echo "BUNDLE=$BUNDLE lies inside OUT_DIR $out: put it outside, e.g. \$OUT/device_check.tgz" >&2
+        exit 2 ;;
+esac
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRACT_DATA="$data"
 ACCURACY=${ACCURACY---accuracy-epochs 4 --accuracy-seeds 2 --accuracy-models resnet18_cifar}
@@ -49,11 +56,12 @@ step() {  # step NAME COMMAND...: run, log to OUT_DIR/log.txt, remember a failur
     rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/log.txt"
     [ "$rc" -eq 0 ] || status=1
-    [ -z "${BUNDLE:-}" ] || tar -czf "$BUNDLE" -C "$out" .
+    # written aside, then renamed: a run killed while packing still leaves the previous archive whole
+    [ -z "${BUNDLE:-}" ] || { tar -czf "$BUNDLE.part" -C "$out" . && mv "$BUNDLE.part" "$BUNDLE"; }
 }
 
-step gpu nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv" 2>/dev/null
+step gpu nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 step cuda-tests python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_precisions.py
 # shellcheck disable=SC2086  # TRACT_ARGS is a list of flags
 step bench-tract python3 scripts/bench_tract.py --out "$out/bench_tract.csv" ${TRACT_ARGS:-}

@@ -8,28 +8,36 @@
 #             the versions this checkout's .venv runs, else the pinned ones below)
 #   .devdata/ the CIFAR-10 archive in pieces of at most 60 MiB: one call carries at most 64 MiB, repository included
 # and prints the device calls that carry them, one piece per call, back to back (the machine goes back 30 s after
-# a call; what one call leaves in /tmp stays for the next while it is warm).
+# a call; what one call leaves in /tmp stays for the next while it is warm). The last call checks the joined
+# archive's SHA-256, so pieces lost with a machine given back in between stop it before any GPU work. Its settings
+# are sized to leave time for a rerun out of 15 minutes of device time; device_check.sh's header lists them all.
 set -euo pipefail
 if [ $# -ne 1 ] || [ ! -f "$1" ]; then
     echo "usage: bash scripts/device_prepare.sh CIFAR10_ARCHIVE (the cifar-10-python .tar.gz or .tar.xz)" >&2
     exit 2
 fi
-cd "$(git rev-parse --show-toplevel)"
+archive=$(realpath "$1")
+name=$(basename "$archive")
+cd "$(dirname "$0")/.."  # the repository root: the device call sends it, with the carried folders
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
 for folder in /.whl/ /.devdata/; do
-    grep -qxF "$folder" .git/info/exclude 2>/dev/null || echo "$folder" >> .git/info/exclude
+    grep -qxF "$folder" "$exclude" 2>/dev/null || echo "$folder" >> "$exclude"
 done
 python=.venv/bin/python
 [ -x "$python" ] || python=python3
 version() { "$python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || echo "$2"; }
-rm -rf .whl .devdata
-mkdir -p .whl .devdata
+mkdir -p .whl
+rm -f .whl/hydra_core-*.whl .whl/omegaconf-*.whl .whl/antlr4_python3_runtime-*.whl  # one version of each there
 "$python" -m pip wheel -q --no-deps -w .whl "hydra-core==$(version hydra-core 1.3.8)" \
     "omegaconf==$(version omegaconf 2.3.1)" "antlr4-python3-runtime==$(version antlr4-python3-runtime 4.9.3)"
-name=$(basename "$1")
-split -b 60M "$1" ".devdata/$name.part-"
+rm -rf .devdata
+mkdir .devdata
+split -b 60M "$archive" ".devdata/$name.part-"
 pieces=(.devdata/*.part-*)
+sum=$(sha256sum "$archive" | cut -d' ' -f1)
 echo "wheels: $(ls .whl | tr '\n' ' ')"
-echo "data: ${#pieces[@]} pieces of $name"
+echo "data: ${#pieces[@]} piece(s) of $name, SHA-256 $sum"
 echo
 echo "device calls (run's carry and command), back to back:"
 last=$((${#pieces[@]} - 1))
@@ -39,10 +47,13 @@ for i in "${!pieces[@]}"; do
         echo "  carry [\"$piece\"]"
         echo "  command: mkdir -p /tmp/cifar && cp $piece /tmp/cifar/"
     else
-        echo "  carry [\".whl\", \"$piece\"], timeout_s 600"
-        echo "  command: cp $piece /tmp/cifar/ && cat /tmp/cifar/$name.part-* > /tmp/cifar/$name &&" \
-             "rm /tmp/cifar/$name.part-* && python3 -m pip install -q --no-index --no-deps --no-compile" \
-             "--no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&" \
-             "BUNDLE=\$OUT/device_check.tgz bash scripts/device_check.sh /tmp/cifar /tmp/device_check"
+        echo "  carry [\".whl\", \"$piece\"], timeout_s 480"
+        echo "  command: mkdir -p /tmp/cifar && cp $piece /tmp/cifar/ && cat /tmp/cifar/$name.part-* >" \
+             "/tmp/cifar/$name && echo '$sum  /tmp/cifar/$name' | sha256sum -c &&" \
+             "tar -xf /tmp/cifar/$name -C /tmp/cifar &&" \
+             "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target" \
+             "/tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && BUNDLE=\$OUT/device_check.tgz" \
+             "ACCURACY='--accuracy-epochs 2 --accuracy-seeds 2 --accuracy-models resnet18_cifar'" \
+             "PRECISION='epochs=2 seed=0,1' bash scripts/device_check.sh /tmp/cifar /tmp/device_check"
     fi
 done
