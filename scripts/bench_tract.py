@@ -91,10 +91,11 @@ def setup(name, batch, device):
     return model, x, y
 
 
-def place(model, name, x) -> str | None:
-    """Move the model to x's device (the CPU or a GPU) in the layout tract-train's `channels_last: auto` gives it
-    there: NHWC on a GPU, on a CPU the layout timed fastest (tract_bench.layout). Returns its `nchw_from`."""
-    return layout.auto(model.to(x.device).train(), tuple(x.shape), MODELS[name][1])
+def place(model, name, x, nchw_from="auto") -> str | None:
+    """Move the model to x's device (the CPU or a GPU) as tract-train's `channels_last: auto` sets it up there:
+    NHWC on a GPU; on a CPU 2x2-map convolutions as matrix products and the layout timed fastest, or `nchw_from`
+    where given (tract_bench.layout.auto). Returns its `nchw_from`."""
+    return layout.auto(model.to(x.device).train(), tuple(x.shape), MODELS[name][1], nchw_from=nchw_from)
 
 
 def train_step(model, optimizer, scaler, x, y, amp_dtype):
@@ -126,7 +127,7 @@ def bench_model(name, args, device) -> list[dict]:
     layer = apply_tract(tract, LAM, input_size=tuple(x.shape[1:]))
     n = tract.get_submodule(layer).weight[0].numel()
     nchw_from = place(baseline, name, x)
-    layout.apply(tract.to(device).train(), nchw_from)  # the baseline's layout: the overhead is TrAct's own
+    place(tract, name, x, nchw_from)  # the baseline's layout: the overhead is TrAct's own
     models = [baseline, tract]
     layout_name = "+" + layout.describe(baseline, nchw_from)
     rows = []

@@ -97,12 +97,9 @@ class FastLoop:
         channels_last = default_channels_last(device)
         self.model = model.to(device)
         self.nchw_from = None
-        if channels_last and nchw_from == "auto":  # tract-train's channels_last: auto
+        if channels_last:  # tract-train's channels_last: auto; a TrAct twin is given its baseline's layout
             shape = (batch, 3, DATASET.image_size, DATASET.image_size)
-            self.nchw_from = layout.auto(self.model, shape, DATASET.num_classes, self.amp_dtype)
-        elif channels_last:  # a given layout: the baseline's, for its TrAct twin
-            self.nchw_from = nchw_from
-            layout.apply(self.model, nchw_from)
+            self.nchw_from = layout.auto(self.model, shape, DATASET.num_classes, self.amp_dtype, nchw_from)
         # the settings in words, e.g. 'bf16+channels_last+compile'
         self.label = "+".join([resolve_precision(precision, device),
                                layout.describe(self.model, self.nchw_from) if channels_last else "nchw"]

@@ -22,7 +22,7 @@ import grad_precision  # noqa: E402
 import reference_loop  # noqa: E402
 import step_profile  # noqa: E402
 import swap_pipelines  # noqa: E402
-from tract_bench import layout  # noqa: E402
+from tract_bench import layout, smallmap  # noqa: E402
 from tract_bench.models import resnet_cifar  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -42,10 +42,13 @@ def test_fast_and_reference_loops_agree_without_augmentation(tiny_cifar10_root):
     init = resnet_cifar("resnet18", 10)
     test_set = reference_loop.CifarImages(data.test_x, data.test_y, reference_loop.TEST_TRANSFORM)
 
-    def loops(nchw_from="auto"):
+    def loops(nchw_from="auto", same_kernels=False):
+        reference = copy.deepcopy(init)
+        if same_kernels:  # the fast loop's 2x2-map matrix products, not the convolutions there
+            smallmap.convert(reference, (3, 32, 32))
         return (bench_train.FastLoop(copy.deepcopy(init), data, 16, CPU, total_steps=3, precision="fp32",
                                      nchw_from=nchw_from),
-                reference_loop.ReferenceLoop(copy.deepcopy(init), test_set, test_set, 16, CPU, total_steps=3))
+                reference_loop.ReferenceLoop(reference, test_set, test_set, 16, CPU, total_steps=3))
 
     fast, ref = loops()
     # the test loaders: storage order, no augmentation
@@ -56,10 +59,11 @@ def test_fast_and_reference_loops_agree_without_augmentation(tiny_cifar10_root):
     torch.testing.assert_close(xf[:k], xr[:k], rtol=1e-6, atol=1e-6)
     # a step on each loop's own batch, the fast one in its timed layout: the same loss up to rounding
     assert fast.train([(xf[:16], yf[:16])]) == pytest.approx(ref.train([(xr[:16], yr[:16])]), rel=1e-5)
-    # three steps on one shared NCHW tensor: equal losses mean equal forward passes, updates and learning rates. The
-    # fast loop takes the reference's layout (NCHW throughout) here, because the layout it times differs by CPU, and
-    # another layout's kernel rounding grows to ~1e-4 by the third step at this batch (test_layout covers layouts)
-    fast, ref = loops(nchw_from=layout.switch_points(init)[0])
+    # three steps on one shared NCHW tensor: equal losses mean equal forward passes, updates and learning rates. Both
+    # run the same kernels here: the fast loop NCHW throughout (the layout it times differs by CPU), the reference
+    # model with the fast loop's 2x2-map matrix products; other kernels' rounding grows to ~1e-4 by the third step
+    # at this batch (test_layout and test_smallmap cover those)
+    fast, ref = loops(nchw_from=layout.switch_points(init)[0], same_kernels=True)
     x = xf[:16].contiguous()  # an NHWC input would take the reference model's convolutions to NHWC
     for _ in range(3):
         assert fast.train([(x, yf[:16])]) == pytest.approx(ref.train([(x, yf[:16])]), rel=1e-6)
@@ -242,18 +246,22 @@ def test_bench_tract_imagenet_resnet50(tmp_path):
 
 def test_step_profile_counts_forward_and_backward_work(monkeypatch, tmp_path):
     """A step is 3x the forward's FLOPs (output, input and weight gradients), less the stem's input gradient,
-    which the image does not need. On a CPU the script keeps freed memory, as a tract-train run does."""
+    which the image does not need; FLOPs as run, 2x2-map convolutions as matrix products included. On a CPU the
+    script keeps freed memory, as a tract-train run does."""
     from torch.utils.flop_counter import FlopCounterMode
     calls = []
     monkeypatch.setattr(bench_tract, "keep_freed_memory", lambda: calls.append(1))
     out = tmp_path / "profile.txt"
     result = step_profile.main(["--steps", "2", "--warmup", "1", "--batch", "2", "--top", "3", "--out", str(out)])
     counter = FlopCounterMode(display=False)
+    model = resnet_cifar("resnet18", 10)
+    assert smallmap.convert(model, (3, 32, 32)) == 3  # as the script's model on a CPU
     with counter:
-        resnet_cifar("resnet18", 10)(torch.randn(2, 3, 32, 32))
+        model(torch.randn(2, 3, 32, 32))
     stem = 2 * 2 * 32 * 32 * 64 * 27  # batch 2, 32x32 outputs, 64 channels, 3x3x3 inputs each, multiply-add
     assert result["flops_per_step"] == 3 * counter.get_total_flops() - stem
     assert result["precision"].startswith(("fp32+channels_last", "fp32+nchw"))
+    assert result["precision"].endswith(", 2x2 maps as matmuls")
     assert result["gflops_matmul"] > 0 < result["gflops_conv3x3"]
     assert "% of the faster" in out.read_text() and calls == [1]
 

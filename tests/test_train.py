@@ -139,14 +139,15 @@ def test_cpu_layout_is_timed_once_and_kept_on_resume(tiny_cifar10_root, tmp_path
     assert calls == [((20, 3, 32, 32), 10)]
     folder = train.run(cfg)
     assert len(calls) == 1
-    assert json.loads((folder / "summary.json").read_text())["layout"] == "channels_last (nchw from layer3)"
+    assert json.loads((folder / "summary.json").read_text())["layout"] == \
+        "channels_last (nchw from layer3), 2x2 maps as matmuls"
     assert torch.load(folder / "checkpoints" / "last.pt", weights_only=False)["nchw_from"] == "layer3"
 
 
 @pytest.mark.parametrize("overrides,expected", [
     (["channels_last=true"], "channels_last"),
     (["channels_last=false"], "nchw"),
-    (["deterministic=true"], "channels_last"),
+    (["deterministic=true"], "channels_last, 2x2 maps as matmuls"),
     (["precision=fp16", "data.train_subset=20", "data.test_subset=10"], "channels_last")])
 def test_layouts_that_are_not_timed(tiny_cifar10_root, tmp_path, monkeypatch, overrides, expected):
     monkeypatch.setattr(train.layout, "tune", lambda *a: pytest.fail("the layout was timed"))

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tract_bench import smallmap
+
 
 def timed_here(device, amp_dtype, deterministic=False) -> bool:
     """Whether `channels_last: auto` times the layout: on a CPU, unless runs must repeat bit for bit (the choice
@@ -56,10 +58,15 @@ def apply(model: nn.Module, nchw_from: str | None) -> nn.Module:
 
 
 def describe(model: nn.Module, nchw_from: str | None) -> str:
-    """The layout in words: 'channels_last', 'nchw' or 'channels_last (nchw from layer3)'."""
+    """The layout in words: 'channels_last', 'nchw' or 'channels_last (nchw from layer3)', with ', 2x2 maps as
+    matmuls' where tract_bench.smallmap converted convolutions."""
     if nchw_from is None:
-        return "channels_last"
-    return "nchw" if nchw_from == switch_points(model)[0] else f"channels_last (nchw from {nchw_from})"
+        name = "channels_last"
+    else:
+        name = "nchw" if nchw_from == switch_points(model)[0] else f"channels_last (nchw from {nchw_from})"
+    if any(isinstance(m, smallmap.SmallMapConv2d) for m in model.modules()):
+        name += ", 2x2 maps as matmuls"
+    return name
 
 
 def _step(model, x, y, amp_dtype):
@@ -96,10 +103,16 @@ def tune(model: nn.Module, batch_shape: tuple, num_classes: int, amp_dtype=None,
     return min(candidates, key=best.get)
 
 
-def auto(model: nn.Module, batch_shape: tuple, num_classes: int, amp_dtype=None) -> str | None:
+def auto(model: nn.Module, batch_shape: tuple, num_classes: int, amp_dtype=None,
+         nchw_from: str | None = "auto") -> str | None:
     """`channels_last: auto` for a model on its device (the CPU or a GPU), as a fresh tract-train run applies it:
-    the layout `tune` times fastest where `timed_here`, else NHWC throughout. Returns its `nchw_from`."""
+    on a CPU in fp32, 3x3 convolutions on 2x2 maps as matrix products (tract_bench.smallmap); then the layout `tune`
+    times fastest where `timed_here`, else NHWC throughout, or the given `nchw_from` (a TrAct twin takes its
+    baseline's). Returns the `nchw_from` applied."""
     device = next(model.parameters()).device
-    nchw_from = tune(model, batch_shape, num_classes, amp_dtype) if timed_here(device, amp_dtype) else None
+    if device.type == "cpu" and amp_dtype is None:
+        smallmap.convert(model, batch_shape[1:])
+    if nchw_from == "auto":
+        nchw_from = tune(model, batch_shape, num_classes, amp_dtype) if timed_here(device, amp_dtype) else None
     apply(model, nchw_from)
     return nchw_from
