@@ -141,7 +141,19 @@ def test_cpu_layout_is_timed_once_and_kept_on_resume(tiny_cifar10_root, tmp_path
     assert len(calls) == 1
     assert json.loads((folder / "summary.json").read_text())["layout"] == \
         "channels_last (nchw from layer3), 2x2 maps as matmuls"
-    assert torch.load(folder / "checkpoints" / "last.pt", weights_only=False)["nchw_from"] == "layer3"
+    checkpoint = torch.load(folder / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["nchw_from"] == "layer3" and checkpoint["small_maps"] is True
+
+
+def test_a_run_from_before_small_maps_resumes_with_plain_convolutions(tiny_cifar10_root, tmp_path, monkeypatch):
+    cfg = tiny_run(tiny_cifar10_root, tmp_path, "epochs=2", "deterministic=true")
+    run_interrupted(cfg, 2, monkeypatch)
+    path = train.rundir.run_path(cfg) / "checkpoints" / "last.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint.pop("small_maps") is True
+    torch.save(checkpoint, path)  # as written before tract_bench.smallmap
+    folder = train.run(cfg)
+    assert json.loads((folder / "summary.json").read_text())["layout"] == "channels_last"
 
 
 @pytest.mark.parametrize("overrides,expected", [

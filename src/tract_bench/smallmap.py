@@ -1,4 +1,4 @@
-"""3x3 convolutions on 2x2 feature maps as one matrix product, on a CPU in fp32.
+"""Plain 3x3 convolutions (stride 1, padding 1) on 2x2 feature maps as one matrix product, on a CPU in fp32.
 
 With padding 1, every output position of a 3x3 convolution on a 2x2 map sees every input position, so the layer is
 a dense linear map from the 4*C_in input values of an image to its 4*C_out outputs: y = x M, with M assembled
@@ -20,11 +20,17 @@ from torch import nn
 _PAIRS = [(i, j, p, q) for i in range(2) for j in range(2) for p in range(2) for q in range(2)]
 
 
+def _format(t: torch.Tensor):
+    """The memory format `t` is laid out in: channels_last or NCHW (contiguous)."""
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 class _Dense2x2(torch.autograd.Function):
     """y = conv2d(x, w, padding=1) for x of shape (N, C_in, 2, 2), as one matrix product with M^T of shape
     (4*C_out, 4*C_in). Rows and columns run over (position, channel), i.e. NHWC order: views of channels_last
     tensors, copies of NCHW ones. The backward forms the gradient of M^T with one product and sums its 16 blocks
-    into the 9 taps."""
+    into the 9 taps. The output and gradients come back in the memory format of x and w, as the convolution's do."""
 
     @staticmethod
     def forward(ctx, x, w):
@@ -36,21 +42,26 @@ class _Dense2x2(torch.autograd.Function):
         mt = mt.view(4 * c_out, 4 * c_in)
         xf = x.permute(0, 2, 3, 1).reshape(n, 4 * c_in)
         ctx.save_for_backward(xf, mt)
-        return (xf @ mt.t()).view(n, 2, 2, c_out).permute(0, 3, 1, 2)
+        ctx.formats = _format(x), _format(w)
+        return (xf @ mt.t()).view(n, 2, 2, c_out).permute(0, 3, 1, 2).contiguous(memory_format=ctx.formats[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward is no function of w that autograd sees
     def backward(ctx, grad):
         xf, mt = ctx.saved_tensors
         n, c_out, c_in = grad.shape[0], mt.shape[0] // 4, mt.shape[1] // 4
         gf = grad.permute(0, 2, 3, 1).reshape(n, 4 * c_out)
-        grad_x = (gf @ mt).view(n, 2, 2, c_in).permute(0, 3, 1, 2) if ctx.needs_input_grad[0] else None
+        x_format, w_format = ctx.formats
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gf @ mt).view(n, 2, 2, c_in).permute(0, 3, 1, 2).contiguous(memory_format=x_format)
         grad_w = None
         if ctx.needs_input_grad[1]:
             gmt = (gf.t() @ xf).view(2, 2, c_out, 2, 2, c_in)
             taps = xf.new_zeros(c_out, 3, 3, c_in)
             for i, j, p, q in _PAIRS:
                 taps[:, p - i + 1, q - j + 1] += gmt[i, j, :, p, q]
-            grad_w = taps.permute(0, 3, 1, 2)
+            grad_w = taps.permute(0, 3, 1, 2).contiguous(memory_format=w_format)
         return grad_x, grad_w
 
 
@@ -74,21 +85,27 @@ def eligible(m: nn.Module) -> bool:
 
 def convert(model: nn.Module, input_shape: tuple) -> int:
     """Give SmallMapConv2d's forward to each eligible convolution of `model` that sees a 2x2 map when the model
-    reads images of `input_shape` (C, H, W), found by one forward pass in eval mode (BatchNorm statistics stay as
-    they were); returns how many."""
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(m) if args[0].shape[-2:] == (2, 2) else None)
-             for m in model.modules() if eligible(m)]
+    reads images of `input_shape` (C, H, W), found by one forward pass of 2 images in eval mode (BatchNorm
+    statistics stay as they were, every module's mode is restored); returns how many."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return 0
+    seen = set()
+
+    def record(m, args):
+        if args and args[0].shape[-2:] == (2, 2):
+            seen.add(m)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if eligible(m)]
     training = {m: m.training for m in model.modules()}
-    p = next(model.parameters())
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
+            model.eval()(torch.zeros(2, *input_shape, dtype=p.dtype, device=p.device))
     finally:
         for h in hooks:
             h.remove()
         for m, mode in training.items():
             m.train(mode)
-    for m in set(seen):
+    for m in seen:
         m.__class__ = SmallMapConv2d
-    return len(set(seen))
+    return len(seen)

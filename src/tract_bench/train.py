@@ -233,8 +233,12 @@ def run(cfg) -> Path:
         tract = {"layer": layer, "n": model.get_submodule(layer).weight[0].numel(), "lam": cfg.tract.lam}
     model.to(device, memory_format=torch.contiguous_format)
     state = rundir.load_checkpoint(folder)
+    small_maps = False  # 3x3 convolutions on 2x2 maps as matrix products: the same values, faster on a CPU
     if cfg.channels_last == "auto" and device.type == "cpu" and amp_dtype is None:
-        smallmap.convert(model, (3, size, size))  # the same values; before the layout is timed, which times it too
+        # a run resumes as it started (checkpoints from before tract_bench.smallmap ran plain convolutions); before
+        # the layout is timed, which then times it too
+        if state is None or state.get("small_maps", False):
+            small_maps = smallmap.convert(model, (3, size, size)) > 0
     nchw_from, layout_name = None, "nchw"
     if channels_last(cfg, device):
         nchw_from = choose_layout(cfg, model, state, batch=cfg.batch_size // world_size, num_classes=num_classes,
@@ -297,7 +301,7 @@ def run(cfg) -> Path:
             rundir.save_checkpoint(folder, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "wall_seconds": wall, "precision": precision,
-                "nchw_from": nchw_from,
+                "nchw_from": nchw_from, "small_maps": small_maps,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
             line = (f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} acc {train_acc:.2f}%  "
