@@ -1,10 +1,13 @@
 """Where one training step's time goes, and how close it runs to the device's rate on large dense products.
 
 The step is bench_tract.py's (forward, backward, SGD on one fixed synthetic batch, so no data pipeline) with
-tract-train's defaults for the device: the `channels_last: auto` layout (on a CPU the one timed fastest); bf16
-autocast on CUDA from Ampere on, fp32 on CPU, where freed memory is kept for reuse as a CPU run does. Printed:
-  - the step's floating-point work (torch.utils.flop_counter: convolutions and matrix products, forward and
-    backward), its median time, and the rate that makes;
+tract-train's defaults for the device: the `channels_last: auto` layout (on a CPU the one timed fastest, with
+3x3 convolutions on 2x2 maps as matrix products); bf16 autocast on CUDA from Ampere on, fp32 on CPU, where freed
+memory is kept for reuse as a CPU run does. Printed:
+  - the step's floating-point work as run (torch.utils.flop_counter: convolutions and matrix products, forward and
+    backward; a 2x2-map matrix product counts its 16 multiply-adds per output and input channel, not the padded
+    convolution's 36, so a CPU ResNet-18 step at batch 128 counts about 12 GFLOP fewer than before that path),
+    its median time, and the rate that makes;
   - the device's rate on a large square matrix product and on a large 3x3 convolution (in the faster layout) in
     the step's precision: the practical ceiling of a step whose time is convolutions and matrix products. A step
     near it can only get faster by doing less work (fewer FLOPs, lower precision), not by a better loop;
