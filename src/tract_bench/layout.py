@@ -9,7 +9,7 @@ layer1 and layer2 run faster; NHWC up to layer2 and NCHW from layer3 on takes 0.
 (`tune`). A switch changes only where values lie in memory, never the values; the kernels' float rounding does differ.
 `auto` first hands the 3x3 convolutions on 2x2 maps to matrix products (tract_bench.smallmap), which removes
 layer4's slow NHWC convolutions from the comparison: on the Xeon, NHWC throughout and NCHW from layer3 or from
-layer4 then all took 0.50-0.53 s a step, and the timing still picked NCHW from layer3 in a benchmark run.
+layer4 then all took 0.50-0.53 s a step, and two benchmark runs timed NCHW from layer3 and NHWC throughout.
 
 The candidates are the model's top-level children that hold a 2-d convolution, in the order the model defines them,
 taken as the order it runs them (as in torchvision's and timm's CNNs). A model that keeps all its stages in one child
