@@ -35,6 +35,7 @@ rm -rf .devdata
 mkdir .devdata
 split -b 60M "$archive" ".devdata/$name.part-"
 pieces=(.devdata/*.part-*)
+there=/tmp/cifar  # where the pieces gather on the device machine (its scratch space, not this machine's)
 sum=$(sha256sum "$archive" | cut -d' ' -f1)
 echo "wheels: $(ls .whl | tr '\n' ' ')"
 echo "data: ${#pieces[@]} piece(s) of $name, SHA-256 $sum"
@@ -45,15 +46,14 @@ for i in "${!pieces[@]}"; do
     piece=${pieces[$i]}
     if [ "$i" -lt "$last" ]; then
         echo "  carry [\"$piece\"]"
-        echo "  command: mkdir -p /tmp/cifar && cp $piece /tmp/cifar/"
+        echo "  command: mkdir -p $there && cp $piece $there/"
     else
         echo "  carry [\".whl\", \"$piece\"], timeout_s 480"
-        echo "  command: mkdir -p /tmp/cifar && cp $piece /tmp/cifar/ && cat /tmp/cifar/$name.part-* >" \
-             "/tmp/cifar/$name && echo '$sum  /tmp/cifar/$name' | sha256sum -c &&" \
-             "tar -xf /tmp/cifar/$name -C /tmp/cifar &&" \
+        echo "  command: mkdir -p $there && cp $piece $there/ && cat $there/$name.part-* > $there/$name &&" \
+             "echo '$sum  $there/$name' | sha256sum -c && tar -xf $there/$name -C $there &&" \
              "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target" \
              "/tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && BUNDLE=\$OUT/device_check.tgz" \
              "ACCURACY='--accuracy-epochs 2 --accuracy-seeds 2 --accuracy-models resnet18_cifar'" \
-             "PRECISION='epochs=2 seed=0,1' bash scripts/device_check.sh /tmp/cifar /tmp/device_check"
+             "PRECISION='epochs=2 seed=0,1' bash scripts/device_check.sh $there /tmp/device_check"
     fi
 done

@@ -113,7 +113,7 @@ def auto(model: nn.Module, batch_shape: tuple, num_classes: int, amp_dtype=None,
     times fastest where `timed_here`, else NHWC throughout, or the given `nchw_from` (a TrAct twin takes its
     baseline's). Returns the `nchw_from` applied."""
     device = next(model.parameters()).device
-    if device.type == "cpu" and amp_dtype is None:
+    if smallmap.used_here(device, amp_dtype):
         smallmap.convert(model, batch_shape[1:])
     if nchw_from == "auto":
         nchw_from = tune(model, batch_shape, num_classes, amp_dtype) if timed_here(device, amp_dtype) else None

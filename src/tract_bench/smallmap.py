@@ -76,6 +76,12 @@ class SmallMapConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def used_here(device, amp_dtype) -> bool:
+    """Whether `channels_last: auto` converts a model: on a CPU without autocast, the only place the matrix-product
+    path runs (elsewhere every call would fall back to the convolution)."""
+    return torch.device(device).type == "cpu" and amp_dtype is None
+
+
 def eligible(m: nn.Module) -> bool:
     """A plain 3x3 convolution, stride 1, zero padding 1, no dilation or groups (exact type: a subclass may compute
     something else)."""

@@ -234,7 +234,7 @@ def run(cfg) -> Path:
     model.to(device, memory_format=torch.contiguous_format)
     state = rundir.load_checkpoint(folder)
     small_maps = False  # 3x3 convolutions on 2x2 maps as matrix products: the same values, faster on a CPU
-    if cfg.channels_last == "auto" and device.type == "cpu" and amp_dtype is None:
+    if cfg.channels_last == "auto" and smallmap.used_here(device, amp_dtype):
         # a run resumes as it started (checkpoints from before tract_bench.smallmap ran plain convolutions); before
         # the layout is timed, which then times it too
         if state is None or state.get("small_maps", False):
